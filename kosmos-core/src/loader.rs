@@ -1,0 +1,354 @@
+//! Weight loading: safetensors files into Burn modules, through burn-store's
+//! `SafetensorsStore` with `PyTorchToBurnAdapter` (transposes `nn.Linear` weights, renames
+//! LayerNorm `weight`/`bias` to `gamma`/`beta`) and a key-remap table, with typed errors that
+//! name the file, the tensor key and the shapes.
+//!
+//! Every checkpoint layout the project reads is described by one [`KeyMap`] constant in this
+//! file, one commented rule per line, so the whole mapping from a reference's state-dict tree to
+//! ours can be read in one place.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use burn_store::{ApplyError, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use safetensors::SafeTensors;
+
+/// Why loading weights failed. Every variant names the file and, where there is one, the tensor.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be opened or read.
+    #[error("cannot read `{path}`: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a readable safetensors file (truncated, bad header, ...).
+    #[error("`{path}` is not a valid safetensors file: {message}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the parser said.
+        message: String,
+    },
+    /// A tensor the model needs is not in the file.
+    #[error("`{path}`: missing tensor `{key}`")]
+    MissingKey {
+        /// The file.
+        path: PathBuf,
+        /// The model's tensor path (after remapping).
+        key: String,
+    },
+    /// A tensor has another shape than the model expects.
+    #[error("`{path}`: tensor `{key}` has shape {found:?}, the model expects {expected:?}")]
+    ShapeMismatch {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        key: String,
+        /// Shape the model expects (in the file's layout).
+        expected: Vec<usize>,
+        /// Shape found in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor is stored in a dtype this loader cannot read.
+    #[error("`{path}`: tensor `{key}` has unsupported dtype {dtype}")]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor key.
+        key: String,
+        /// The stored dtype.
+        dtype: String,
+    },
+    /// Tensors in the file that no rule accounts for (a file for another model).
+    #[error("`{path}`: {count} tensor(s) not used by the model, e.g. {examples:?}")]
+    UnusedKeys {
+        /// The file.
+        path: PathBuf,
+        /// How many.
+        count: usize,
+        /// The first few keys.
+        examples: Vec<String>,
+    },
+    /// Any other failure, with the store's message.
+    #[error("`{path}`: {message}")]
+    Other {
+        /// The file.
+        path: PathBuf,
+        /// The message.
+        message: String,
+    },
+}
+
+/// A checkpoint layout: how the reference's keys become our module paths, and which of its
+/// tensors are derived buffers we recompute rather than load.
+#[derive(Clone, Copy, Debug)]
+pub struct KeyMap {
+    /// `(regex, replacement)` pairs applied in order to every key of the file.
+    pub rename: &'static [(&'static str, &'static str)],
+    /// Regexes of file keys that are deliberately not loaded (computed buffers).
+    pub ignore: &'static [&'static str],
+}
+
+/// torchscale `Decoder` (MAGNETO, optional XPOS): the tree is ours already.
+pub const TORCHSCALE_DECODER: KeyMap = KeyMap {
+    rename: &[],
+    ignore: &[
+        // XPOS `scale` buffer: zeta_i, recomputed from head_dim by `positions::Xpos`.
+        r"\.self_attn\.xpos\.scale$",
+        // torchscale registers the token embedding and output projection on the decoder; the
+        // decoder stack itself does not own them.
+        r"^embed_tokens\.",
+        r"^output_projection\.",
+    ],
+};
+
+fn is_ignored(key: &str, map: &KeyMap) -> bool {
+    map.ignore
+        .iter()
+        .any(|p| regex::Regex::new(p).is_ok_and(|re| re.is_match(key)))
+}
+
+/// A file key after the rename rules (as burn-store's remapper applies them: each matching rule
+/// in order).
+fn rename(key: &str, map: &KeyMap) -> String {
+    let mut key = key.to_string();
+    for (from, to) in map.rename {
+        if let Ok(re) = regex::Regex::new(from) {
+            key = re.replace_all(&key, *to).into_owned();
+        }
+    }
+    key
+}
+
+/// A Burn module path in PyTorch's naming (LayerNorm `gamma`/`beta` are `weight`/`bias`).
+fn pytorch_name(path: &str) -> String {
+    match path.rsplit_once('.') {
+        Some((head, "gamma")) => format!("{head}.weight"),
+        Some((head, "beta")) => format!("{head}.bias"),
+        _ => path.to_string(),
+    }
+}
+
+/// What a successful load did.
+#[derive(Clone, Debug, Default)]
+pub struct LoadReport {
+    /// Module paths filled from the file.
+    pub applied: Vec<String>,
+    /// File keys deliberately not loaded (matched an ignore rule).
+    pub ignored: Vec<String>,
+}
+
+fn check_file(path: &Path) -> Result<(), LoadError> {
+    std::fs::metadata(path).map(|_| ()).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Load a safetensors file written from PyTorch into `module`, renaming keys with `map`.
+///
+/// Every tensor of the module must be found (else [`LoadError::MissingKey`]), with the right shape
+/// ([`LoadError::ShapeMismatch`]); every tensor of the file must be used or ignored by a rule
+/// ([`LoadError::UnusedKeys`]).
+pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    path: impl AsRef<Path>,
+    map: &KeyMap,
+) -> Result<LoadReport, LoadError> {
+    let path = path.as_ref();
+    check_file(path)?;
+    // Validate the header up front so that truncated files fail with the file's name.
+    let file_shapes = read_header(path)?;
+
+    let mut remapper = KeyRemapper::new();
+    for (from, to) in map.rename {
+        remapper = remapper.add_pattern(*from, *to).map_err(|e| LoadError::Other {
+            path: path.to_path_buf(),
+            message: format!("bad remap rule `{from}`: {e}"),
+        })?;
+    }
+    let mut store = SafetensorsStore::from_file(path)
+        .with_from_adapter(PyTorchToBurnAdapter)
+        .remap(remapper)
+        .allow_partial(true)
+        .validate(false);
+    let result = module.load_from(&mut store).map_err(|e| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    // The file key a module path came from (for messages in the file's own terms).
+    let file_key = |model_path: &str| -> String {
+        let candidates = [model_path.to_string(), pytorch_name(model_path)];
+        for (key, _) in file_shapes.iter() {
+            let renamed = rename(key, map);
+            if candidates.contains(&renamed) {
+                return key.clone();
+            }
+        }
+        candidates[1].clone()
+    };
+    if let Some(err) = result.errors.first() {
+        return Err(match err {
+            ApplyError::ShapeMismatch { path: p, expected, .. } => {
+                let key = file_key(p);
+                let found = file_shapes.get(&key).cloned().unwrap_or_default();
+                let mut expected = expected.to_vec();
+                // Linear weights are compared in Burn's [in, out] layout; report PyTorch's [out, in].
+                if expected.len() == 2 && found.len() == 2 && p.ends_with(".weight") && found != expected {
+                    expected.reverse();
+                }
+                LoadError::ShapeMismatch {
+                    path: path.to_path_buf(),
+                    key,
+                    expected,
+                    found,
+                }
+            }
+            other => LoadError::Other {
+                path: path.to_path_buf(),
+                message: other.to_string(),
+            },
+        });
+    }
+    if let Some((missing, _)) = result.missing.first() {
+        return Err(LoadError::MissingKey {
+            path: path.to_path_buf(),
+            key: pytorch_name(missing),
+        });
+    }
+    // burn-store lists file keys it did not match by name, but LayerNorm `weight`/`bias` are
+    // matched through the adapter to `gamma`/`beta`; those were applied, so drop them here.
+    let applied: std::collections::HashSet<String> = result.applied.iter().map(|p| pytorch_name(p)).collect();
+    let (ignored, unused): (Vec<String>, Vec<String>) = result
+        .unused
+        .into_iter()
+        .filter(|k| !applied.contains(k))
+        .partition(|k| is_ignored(k, map));
+    if !unused.is_empty() {
+        return Err(LoadError::UnusedKeys {
+            path: path.to_path_buf(),
+            count: unused.len(),
+            examples: unused.into_iter().take(5).collect(),
+        });
+    }
+    Ok(LoadReport {
+        applied: result.applied,
+        ignored,
+    })
+}
+
+/// Keys and shapes of a safetensors file, reading only its header.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoadError> {
+    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| LoadError::Corrupt {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(tensors
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k, v.shape().to_vec()))
+        .collect())
+}
+
+/// A safetensors file opened for reading individual tensors by key (fixtures, inputs,
+/// embeddings), converting f16/bf16/f64/integer storage to the requested element type.
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+}
+
+impl TensorFile {
+    /// Read the file and check its header.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, LoadError> {
+        let path = path.as_ref().to_path_buf();
+        let bytes = std::fs::read(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        SafeTensors::deserialize(&bytes).map_err(|e| LoadError::Corrupt {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        Ok(Self { path, bytes })
+    }
+
+    fn view(&self) -> SafeTensors<'_> {
+        SafeTensors::deserialize(&self.bytes).expect("header checked at open")
+    }
+
+    /// The keys in the file.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.view().names().into_iter().map(str::to_string).collect();
+        keys.sort();
+        keys
+    }
+
+    /// The tensor `key` as host data (float tensors as f32, integer tensors as i64).
+    pub fn data(&self, key: &str) -> Result<TensorData, LoadError> {
+        use safetensors::Dtype;
+        let st = self.view();
+        let view = st.tensor(key).map_err(|_| LoadError::MissingKey {
+            path: self.path.clone(),
+            key: key.to_string(),
+        })?;
+        let shape = view.shape().to_vec();
+        let raw = view.data();
+        let floats = |width: usize, f: &dyn Fn(&[u8]) -> f32| -> Vec<f32> { raw.chunks_exact(width).map(f).collect() };
+        let data = match view.dtype() {
+            Dtype::F32 => TensorData::new(floats(4, &|b| f32::from_le_bytes(b.try_into().unwrap())), shape),
+            Dtype::F64 => TensorData::new(floats(8, &|b| f64::from_le_bytes(b.try_into().unwrap()) as f32), shape),
+            Dtype::F16 => TensorData::new(
+                floats(2, &|b| burn::tensor::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+                shape,
+            ),
+            Dtype::BF16 => TensorData::new(
+                floats(2, &|b| burn::tensor::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+                shape,
+            ),
+            Dtype::I64 => TensorData::new(
+                raw.chunks_exact(8)
+                    .map(|b| i64::from_le_bytes(b.try_into().unwrap()))
+                    .collect::<Vec<_>>(),
+                shape,
+            ),
+            Dtype::I32 => TensorData::new(
+                raw.chunks_exact(4)
+                    .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64)
+                    .collect::<Vec<_>>(),
+                shape,
+            ),
+            other => {
+                return Err(LoadError::UnsupportedDtype {
+                    path: self.path.clone(),
+                    key: key.to_string(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(data)
+    }
+
+    /// The float tensor `key` with `D` dimensions on `device`.
+    pub fn tensor<B: Backend, const D: usize>(&self, key: &str, device: &B::Device) -> Result<Tensor<B, D>, LoadError> {
+        let data = self.data(key)?;
+        if data.shape.len() != D {
+            return Err(LoadError::ShapeMismatch {
+                path: self.path.clone(),
+                key: key.to_string(),
+                expected: vec![0; D],
+                found: data.shape.to_vec(),
+            });
+        }
+        Ok(Tensor::from_data(data.convert::<f32>(), device))
+    }
+}

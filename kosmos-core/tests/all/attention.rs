@@ -1,0 +1,118 @@
+//! Fused and explicit attention compute the same function; masked rows stay finite.
+
+use burn::prelude::*;
+use burn::tensor::{Distribution, TensorData};
+use kosmos_core::{AttentionImpl, AttentionMask, KvCache, MultiHeadAttentionConfig, PositionTreatment, XposConfig};
+
+use crate::common::{TB, assert_close};
+
+/// Left-padded batch: row 0 has 3 pads, row 1 none. Compares the two kernels on the real
+/// (non-pad) query rows, with and without XPOS, full and cached, and checks every output is
+/// finite (the pad rows are fully masked).
+pub fn fused_matches_explicit<B: Backend>(device: &B::Device, atol: f32, rtol: f32) {
+    let (b, t, e, h) = (2, 6, 16, 4);
+    for position in [PositionTreatment::None, PositionTreatment::Xpos(XposConfig::new(e / h))] {
+        let config = MultiHeadAttentionConfig::new(e, h)
+            .with_inner_attn_ln(true)
+            .with_position(position.clone());
+        let mut attn = config.with_implementation(AttentionImpl::Explicit).init::<B>(device);
+        let x = Tensor::<B, 3>::random([b, t, e], Distribution::Normal(0.0, 1.0), device);
+        let attention_mask =
+            Tensor::<B, 2, Int>::from_data(TensorData::from([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]]), device);
+        let mask = AttentionMask::causal_with_attention_mask(attention_mask.clone());
+
+        let explicit = attn.forward(x.clone(), None, &mask, None);
+        attn.set_implementation(AttentionImpl::Fused);
+        let fused = attn.forward(x.clone(), None, &mask, None);
+        for out in [&explicit, &fused] {
+            let v = out.clone().into_data().convert::<f32>().to_vec::<f32>().unwrap();
+            assert!(
+                v.iter().all(|x| x.is_finite()),
+                "{position:?}: NaN or inf in attention output"
+            );
+        }
+        // Real rows only: row 0 from position 3 on, row 1 everywhere.
+        assert_close(
+            fused.clone().slice([0..1, 3..t, 0..e]),
+            explicit.clone().slice([0..1, 3..t, 0..e]),
+            atol,
+            rtol,
+            "fused vs explicit, padded row",
+        );
+        assert_close(
+            fused.clone().slice([1..2, 0..t, 0..e]),
+            explicit.clone().slice([1..2, 0..t, 0..e]),
+            atol,
+            rtol,
+            "fused vs explicit, full row",
+        );
+
+        // Cached: prefill 4 then 2 tokens, padding mask over cache + new keys.
+        for imp in [AttentionImpl::Explicit, AttentionImpl::Fused] {
+            attn.set_implementation(imp);
+            let mut cache = KvCache::new();
+            let m1 = AttentionMask::causal_with_attention_mask(attention_mask.clone().slice([0..b, 0..4]));
+            let first = attn.forward(x.clone().slice([0..b, 0..4, 0..e]), None, &m1, Some(&mut cache));
+            let second = attn.forward(x.clone().slice([0..b, 4..t, 0..e]), None, &mask, Some(&mut cache));
+            let out = Tensor::cat(vec![first, second], 1);
+            assert_close(
+                out.clone().slice([0..1, 3..t, 0..e]),
+                explicit.clone().slice([0..1, 3..t, 0..e]),
+                atol,
+                rtol,
+                "cached vs full, padded row",
+            );
+            assert_close(
+                out.slice([1..2, 0..t, 0..e]),
+                explicit.clone().slice([1..2, 0..t, 0..e]),
+                atol,
+                rtol,
+                "cached vs full, full row",
+            );
+        }
+    }
+
+    // Cross-attention (no mask, other key length) — the resampler's use.
+    let mut attn = MultiHeadAttentionConfig::new(e, h).init::<B>(device);
+    let q = Tensor::<B, 3>::random([b, 3, e], Distribution::Normal(0.0, 1.0), device);
+    let kv = Tensor::<B, 3>::random([b, 9, e], Distribution::Normal(0.0, 1.0), device);
+    attn.set_implementation(AttentionImpl::Explicit);
+    let explicit = attn.forward(q.clone(), Some(kv.clone()), &AttentionMask::none(), None);
+    attn.set_implementation(AttentionImpl::Fused);
+    let fused = attn.forward(q, Some(kv), &AttentionMask::none(), None);
+    assert_close(fused, explicit, atol, rtol, "cross-attention fused vs explicit");
+}
+
+#[test]
+fn fused_and_explicit_agree_on_flex() {
+    fused_matches_explicit::<TB>(&Default::default(), 1e-5, 1e-4);
+}
+
+#[test]
+fn kv_cache_grows_in_chunks_and_keeps_contents() {
+    let device = Default::default();
+    let mut cache = KvCache::<TB>::new();
+    let mut all = Vec::new();
+    for step in 0..70 {
+        let k = Tensor::<TB, 4>::full([1, 2, 1, 4], step as f32, &device);
+        all.push(k.clone());
+        let (keys, values) = cache.append(k.clone(), k);
+        assert_eq!(keys.dims(), [1, 2, step + 1, 4]);
+        assert_eq!(values.dims(), [1, 2, step + 1, 4]);
+    }
+    // 64-slot chunk, then doubled once: two allocations for 70 appends.
+    assert_eq!(cache.capacity(), 128);
+    let (keys, _) = cache.get().unwrap();
+    assert_eq!(keys.into_data(), Tensor::cat(all, 2).into_data());
+}
+
+#[test]
+fn kv_cache_reorder_selects_batch_rows() {
+    let device = Default::default();
+    let mut cache = KvCache::<TB>::new();
+    let k = Tensor::<TB, 1>::from_floats([0.0, 1.0, 2.0], &device).reshape([3, 1, 1, 1]);
+    cache.append(k.clone(), k);
+    cache.reorder(Tensor::from_ints([2, 2, 0], &device));
+    let (keys, _) = cache.get().unwrap();
+    assert_eq!(keys.into_data().to_vec::<f32>().unwrap(), vec![2.0, 2.0, 0.0]);
+}

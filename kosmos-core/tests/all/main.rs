@@ -1,0 +1,9 @@
+//! Integration tests of kosmos-core (one test binary for the crate).
+
+mod attention;
+mod backends;
+mod common;
+mod decoder_init;
+mod decoder_parity;
+mod loader_errors;
+mod positions;

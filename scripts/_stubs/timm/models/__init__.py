@@ -1,0 +1,1 @@
+"""Stand-in, see timm/__init__.py."""
