@@ -189,11 +189,13 @@ impl<B: Backend> AttentionMask<B> {
     }
 }
 
-/// Append-only key/value cache of one attention layer, `[batch, heads, capacity, head_dim]`.
+/// Append-only key/value cache of one attention layer.
 ///
-/// Storage grows geometrically (doubling, at least [`KvCache::CHUNK`] slots), so appending is
-/// amortised O(1) in copies; the live part is `0..len`. Keys are stored *before* the position
-/// treatment (XPOS is re-applied over the whole window each step, as torchscale does).
+/// Stored token-major, `[batch, capacity, heads, head_dim]`, so that appending writes contiguous
+/// rows; read back as `[batch, heads, len, head_dim]` views. Storage grows geometrically (doubling,
+/// at least [`KvCache::CHUNK`] slots), so appending is amortised O(1) in copies; the live part is
+/// `0..len`. Keys are stored *before* the position treatment (XPOS is re-applied over the whole
+/// window each step, as torchscale does).
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
     keys: Option<Tensor<B, 4>>,
@@ -232,44 +234,45 @@ impl<B: Backend> KvCache<B> {
 
     /// Allocated slots.
     pub fn capacity(&self) -> usize {
-        self.keys.as_ref().map_or(0, |k| k.dims()[2])
+        self.keys.as_ref().map_or(0, |k| k.dims()[1])
     }
 
     fn grow(storage: Option<Tensor<B, 4>>, like: &Tensor<B, 4>, len: usize, needed: usize) -> Tensor<B, 4> {
-        let [b, h, _, d] = like.dims();
-        let cap = storage.as_ref().map_or(0, |s| s.dims()[2]);
-        if let Some(s) = storage.as_ref().filter(|_| needed <= cap) {
-            return s.clone();
-        }
-        let new_cap = needed.max(cap * 2).max(Self::CHUNK);
-        let fresh = Tensor::<B, 4>::zeros([b, h, new_cap, d], (&like.device(), like.dtype()));
+        let [b, _, h, d] = like.dims();
+        let cap = storage.as_ref().map_or(0, |s| s.dims()[1]);
         match storage {
-            Some(old) if len > 0 => fresh.slice_assign([0..b, 0..h, 0..len, 0..d], old.narrow(2, 0, len)),
-            _ => fresh,
+            Some(s) if needed <= cap => s,
+            storage => {
+                let new_cap = needed.max(cap * 2).max(Self::CHUNK);
+                let fresh = Tensor::<B, 4>::zeros([b, new_cap, h, d], (&like.device(), like.dtype()));
+                match storage {
+                    Some(old) if len > 0 => fresh.slice_assign([0..b, 0..len, 0..h, 0..d], old.narrow(1, 0, len)),
+                    _ => fresh,
+                }
+            }
         }
     }
 
-    /// Append `[batch, heads, new, head_dim]` keys and values; returns the live keys and values
-    /// (`[batch, heads, len, head_dim]`).
+    /// Append keys and values of `new` tokens, laid out `[batch, new, heads, head_dim]`; returns the
+    /// live keys and values as `[batch, heads, len, head_dim]`.
     pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, h, t, d] = keys.dims();
+        let [b, t, h, d] = keys.dims();
         let end = self.len + t;
         let k = Self::grow(self.keys.take(), &keys, self.len, end);
         let v = Self::grow(self.values.take(), &values, self.len, end);
-        let k = k.slice_assign([0..b, 0..h, self.len..end, 0..d], keys);
-        let v = v.slice_assign([0..b, 0..h, self.len..end, 0..d], values);
+        self.keys = Some(k.slice_assign([0..b, self.len..end, 0..h, 0..d], keys));
+        self.values = Some(v.slice_assign([0..b, self.len..end, 0..h, 0..d], values));
         self.len = end;
-        self.keys = Some(k.clone());
-        self.values = Some(v.clone());
-        (k.narrow(2, 0, end), v.narrow(2, 0, end))
+        self.get().expect("just appended")
     }
 
     /// The live keys and values, `[batch, heads, len, head_dim]`, or `None` when empty.
     pub fn get(&self) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
         match (&self.keys, &self.values) {
-            (Some(k), Some(v)) if self.len > 0 => {
-                Some((k.clone().narrow(2, 0, self.len), v.clone().narrow(2, 0, self.len)))
-            }
+            (Some(k), Some(v)) if self.len > 0 => Some((
+                k.clone().narrow(1, 0, self.len).swap_dims(1, 2),
+                v.clone().narrow(1, 0, self.len).swap_dims(1, 2),
+            )),
             _ => None,
         }
     }
@@ -306,9 +309,10 @@ impl<B: Backend> MultiHeadAttention<B> {
         self.implementation = implementation;
     }
 
+    /// `[b, t, e]` -> `[b, t, heads, head_dim]` (token-major, contiguous).
     fn split_heads(&self, x: Tensor<B, 3>) -> Tensor<B, 4> {
         let [b, t, e] = x.dims();
-        x.reshape([b, t, self.num_heads, e / self.num_heads]).swap_dims(1, 2)
+        x.reshape([b, t, self.num_heads, e / self.num_heads])
     }
 
     /// Attention of `query` (`[batch, new, embed]`) over `key_value` (`None` = self-attention on
@@ -322,12 +326,12 @@ impl<B: Backend> MultiHeadAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, e] = query.dims();
         let kv_in = key_value.unwrap_or_else(|| query.clone());
-        let q = self.split_heads(self.q_proj.forward(query));
+        let q = self.split_heads(self.q_proj.forward(query)).swap_dims(1, 2);
         let k = self.split_heads(self.k_proj.forward(kv_in.clone()));
         let v = self.split_heads(self.v_proj.forward(kv_in));
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v),
-            None => (k, v),
+            None => (k.swap_dims(1, 2), v.swap_dims(1, 2)),
         };
         let s = k.dims()[2];
         let (q, k) = match &self.xpos {
@@ -335,20 +339,33 @@ impl<B: Backend> MultiHeadAttention<B> {
             None => (q, k),
         };
         let mask = mask.to_bool(b, t, s, &q.device());
-        let context = match self.implementation {
-            AttentionImpl::Explicit => explicit_attention(q, k, v, mask),
-            AttentionImpl::Fused => {
-                let h = self.num_heads;
-                let mask = mask.map(|m| m.expand([b, h, t, s]));
-                fused_attention(q, k, v, mask, None, AttentionModuleOptions::default())
-            }
-        };
+        let context = scaled_dot_product(q, k, v, mask, self.implementation);
         let context = context.swap_dims(1, 2).reshape([b, t, e]);
         let context = match &self.inner_attn_ln {
             Some(ln) => ln.forward(context),
             None => context,
         };
         self.out_proj.forward(context)
+    }
+}
+
+/// Scaled dot-product attention over split heads with the chosen kernel: `q: [b,h,t,d]`,
+/// `k, v: [b,h,s,d]`, mask `[b,1,t,s]` (`true` = masked). Returns `[b,h,t,d]`.
+pub fn scaled_dot_product<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Option<Tensor<B, 4, Bool>>,
+    implementation: AttentionImpl,
+) -> Tensor<B, 4> {
+    match implementation {
+        AttentionImpl::Explicit => explicit_attention(q, k, v, mask),
+        AttentionImpl::Fused => {
+            let [b, h, t, _] = q.dims();
+            let s = k.dims()[2];
+            let mask = mask.map(|m| m.expand([b, h, t, s]));
+            fused_attention(q, k, v, mask, None, AttentionModuleOptions::default())
+        }
     }
 }
 

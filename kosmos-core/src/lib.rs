@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod loader;
 pub mod positions;
 pub mod presets;
+pub mod testing;
 
 pub use activation::Activation;
 pub use attention::{

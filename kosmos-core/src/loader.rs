@@ -108,6 +108,39 @@ pub const TORCHSCALE_DECODER: KeyMap = KeyMap {
     ],
 };
 
+/// HF `CLIPVisionModel` (transformers >= 5 saves it without a prefix; older checkpoints and
+/// `CLIPModel` exports put it under `vision_model.`).
+pub const HF_CLIP_VISION: KeyMap = KeyMap {
+    rename: &[
+        // Older layout: everything under `vision_model.`.
+        (r"^vision_model\.", ""),
+    ],
+    ignore: &[
+        // Non-persistent in current transformers, persisted by some older exports: 0..n positions.
+        r"^embeddings\.position_ids$",
+    ],
+};
+
+/// transformers' `Kosmos2ImageToTextProjection` saved on its own: the tree is ours already
+/// (`dense`, `latent_query`, `x_attn.{q,k,v,out}_proj`).
+pub const HF_KOSMOS2_PROJECTION: KeyMap = KeyMap {
+    rename: &[],
+    ignore: &[],
+};
+
+/// lucidrains' flamingo-pytorch 0.1.2 `PerceiverResampler` onto `kosmos_vision::PerceiverResampler`.
+pub const FLAMINGO_PERCEIVER: KeyMap = KeyMap {
+    rename: &[
+        // `layers.{i}` is a ModuleList [PerceiverAttention, FeedForward]: index 0 is the attention.
+        (r"^layers\.(\d+)\.0\.", "layers.$1.attn."),
+        // The FeedForward is an nn.Sequential: 0 LayerNorm, 1 Linear, 2 GELU, 3 Linear.
+        (r"^layers\.(\d+)\.1\.0\.", "layers.$1.ff.norm."),
+        (r"^layers\.(\d+)\.1\.1\.", "layers.$1.ff.fc1."),
+        (r"^layers\.(\d+)\.1\.3\.", "layers.$1.ff.fc2."),
+    ],
+    ignore: &[],
+};
+
 fn is_ignored(key: &str, map: &KeyMap) -> bool {
     map.ignore
         .iter()
@@ -293,7 +326,7 @@ impl TensorFile {
         keys
     }
 
-    /// The tensor `key` as host data (float tensors as f32, integer tensors as i64).
+    /// The tensor `key` as host data (float tensors as f32; integer, byte and bool tensors as i64).
     pub fn data(&self, key: &str) -> Result<TensorData, LoadError> {
         use safetensors::Dtype;
         let st = self.view();
@@ -327,6 +360,7 @@ impl TensorFile {
                     .collect::<Vec<_>>(),
                 shape,
             ),
+            Dtype::U8 | Dtype::BOOL => TensorData::new(raw.iter().map(|&b| b as i64).collect::<Vec<_>>(), shape),
             other => {
                 return Err(LoadError::UnsupportedDtype {
                     path: self.path.clone(),

@@ -94,7 +94,7 @@ fn kv_cache_grows_in_chunks_and_keeps_contents() {
     let mut cache = KvCache::<TB>::new();
     let mut all = Vec::new();
     for step in 0..70 {
-        let k = Tensor::<TB, 4>::full([1, 2, 1, 4], step as f32, &device);
+        let k = Tensor::<TB, 4>::full([1, 1, 2, 4], step as f32, &device);
         all.push(k.clone());
         let (keys, values) = cache.append(k.clone(), k);
         assert_eq!(keys.dims(), [1, 2, step + 1, 4]);
@@ -103,7 +103,7 @@ fn kv_cache_grows_in_chunks_and_keeps_contents() {
     // 64-slot chunk, then doubled once: two allocations for 70 appends.
     assert_eq!(cache.capacity(), 128);
     let (keys, _) = cache.get().unwrap();
-    assert_eq!(keys.into_data(), Tensor::cat(all, 2).into_data());
+    assert_eq!(keys.into_data(), Tensor::cat(all, 1).swap_dims(1, 2).into_data());
 }
 
 #[test]
