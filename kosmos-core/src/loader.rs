@@ -184,17 +184,77 @@ fn check_file(path: &Path) -> Result<(), LoadError> {
     })
 }
 
+/// What applying one file did.
+struct FileResult {
+    applied: Vec<String>,
+    missing: Vec<String>,
+    ignored: Vec<String>,
+}
+
 /// Load a safetensors file written from PyTorch into `module`, renaming keys with `map`.
 ///
 /// Every tensor of the module must be found (else [`LoadError::MissingKey`]), with the right shape
 /// ([`LoadError::ShapeMismatch`]); every tensor of the file must be used or ignored by a rule
-/// ([`LoadError::UnusedKeys`]).
+/// ([`LoadError::UnusedKeys`]; ignore rules match keys after renaming). Tensors keep the dtype
+/// they are stored in; see [`cast_floats`].
 pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
     path: impl AsRef<Path>,
     map: &KeyMap,
 ) -> Result<LoadReport, LoadError> {
-    let path = path.as_ref();
+    load_safetensors_files(module, &[path.as_ref()], map)
+}
+
+/// Load a checkpoint split over several safetensors files (shards). Each tensor of the module
+/// must come from one of them; every tensor of every file must be used or ignored.
+pub fn load_safetensors_files<B: Backend, M: ModuleSnapshot<B>, P: AsRef<Path>>(
+    module: &mut M,
+    paths: &[P],
+    map: &KeyMap,
+) -> Result<LoadReport, LoadError> {
+    let mut report = LoadReport::default();
+    let mut missing: Option<std::collections::BTreeSet<String>> = None;
+    for path in paths {
+        let r = apply_file(module, path.as_ref(), map)?;
+        let now: std::collections::BTreeSet<String> = r.missing.into_iter().collect();
+        missing = Some(match missing {
+            None => now,
+            Some(before) => before.intersection(&now).cloned().collect(),
+        });
+        report.applied.extend(r.applied);
+        report.ignored.extend(r.ignored);
+    }
+    if let Some(key) = missing.and_then(|m| m.into_iter().next()) {
+        let path = paths.last().map(|p| p.as_ref().to_path_buf()).unwrap_or_default();
+        return Err(LoadError::MissingKey {
+            path,
+            key: pytorch_name(&key),
+        });
+    }
+    Ok(report)
+}
+
+/// Cast every float parameter of `module` to `dtype` (checkpoints stored as f16/bf16 load in
+/// their stored dtype; this brings them to the dtype the model runs in).
+pub fn cast_floats<B: Backend, M: Module<B>>(module: M, dtype: burn::tensor::DType) -> M {
+    struct Cast(burn::tensor::DType);
+    impl<B: Backend> burn::module::ModuleMapper<B> for Cast {
+        fn map_float<const D: usize>(
+            &mut self,
+            param: burn::module::Param<Tensor<B, D>>,
+        ) -> burn::module::Param<Tensor<B, D>> {
+            let dtype = self.0;
+            param.map(|t| if t.dtype() == dtype { t } else { t.cast(dtype) })
+        }
+    }
+    module.map(&mut Cast(dtype))
+}
+
+fn apply_file<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    path: &Path,
+    map: &KeyMap,
+) -> Result<FileResult, LoadError> {
     check_file(path)?;
     // Validate the header up front so that truncated files fail with the file's name.
     let file_shapes = read_header(path)?;
@@ -249,12 +309,6 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
             },
         });
     }
-    if let Some((missing, _)) = result.missing.first() {
-        return Err(LoadError::MissingKey {
-            path: path.to_path_buf(),
-            key: pytorch_name(missing),
-        });
-    }
     // burn-store lists file keys it did not match by name, but LayerNorm `weight`/`bias` are
     // matched through the adapter to `gamma`/`beta`; those were applied, so drop them here.
     let applied: std::collections::HashSet<String> = result.applied.iter().map(|p| pytorch_name(p)).collect();
@@ -270,7 +324,8 @@ pub fn load_safetensors<B: Backend, M: ModuleSnapshot<B>>(
             examples: unused.into_iter().take(5).collect(),
         });
     }
-    Ok(LoadReport {
+    Ok(FileResult {
+        missing: result.missing.into_iter().map(|(p, _)| p).collect(),
         applied: result.applied,
         ignored,
     })

@@ -1,0 +1,397 @@
+//! The assembled KOSMOS-2: CLIP vision tower -> image-to-text projection -> MAGNETO text decoder
+//! with absolute sinusoidal positions and a tied language-model head.
+//!
+//! Peng et al., 2023, "Kosmos-2: Grounding Multimodal Large Language Models to the World"
+//! (arXiv:2306.14824). Matches transformers 5.24.0 `Kosmos2ForConditionalGeneration` (eager
+//! attention) and loads its checkpoints (microsoft/kosmos-2-patch14-224): the image embeddings
+//! overwrite the token embeddings where `image_embeds_position_mask` is set, *before* the whole
+//! sequence is scaled by `sqrt(embed_dim)`; positions skip padding (first real token at 2); the
+//! head is the token embedding when `lm_head.weight` is absent (tied).
+
+use std::path::{Path, PathBuf};
+
+use burn::module::Module;
+use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
+use burn::prelude::*;
+use burn::tensor::module::linear;
+use burn::tensor::{DType, TensorData};
+use kosmos_core::loader::{KeyMap, LoadError, cast_floats, load_safetensors_files};
+use kosmos_core::{
+    AttentionImpl, AttentionMask, Decoder, DecoderCache, SinusoidalPositions, SinusoidalPositionsConfig,
+};
+use kosmos_vision::{ClipVisionModel, ImageToTextProjection};
+
+use crate::config::{ConfigError, Kosmos2Config};
+
+/// HF KOSMOS-2 checkpoint keys onto [`Kosmos2`] (tied `lm_head`).
+pub const HF_KOSMOS2: KeyMap = KeyMap {
+    rename: &[
+        // Our text model keeps its layer stack in a `Decoder` (layers + final norm) next to the
+        // token embedding; HF puts both directly under `text_model.model`.
+        (r"^text_model\.model\.layers\.", "text_model.model.decoder.layers."),
+        (
+            r"^text_model\.model\.layer_norm\.",
+            "text_model.model.decoder.layer_norm.",
+        ),
+    ],
+    ignore: &[
+        // Tied to `embed_tokens`: save_pretrained omits it, other exports may store a copy.
+        r"^text_model\.lm_head\.weight$",
+        // Non-persistent buffers that some exports persist: sinusoid table and position ids.
+        r"^text_model\.model\.embed_positions\.",
+        r"^vision_model\.model\.embeddings\.position_ids$",
+    ],
+};
+
+/// As [`HF_KOSMOS2`] for checkpoints with an untied `lm_head` (loaded, not ignored).
+pub const HF_KOSMOS2_UNTIED: KeyMap = KeyMap {
+    rename: HF_KOSMOS2.rename,
+    ignore: &[
+        r"^text_model\.model\.embed_positions\.",
+        r"^vision_model\.model\.embeddings\.position_ids$",
+    ],
+};
+
+/// The text model without its head (HF `Kosmos2TextTransformer`).
+#[derive(Module, Debug)]
+pub struct Kosmos2TextModel<B: Backend> {
+    /// Token embedding `[vocab, embed]` (also the head when tied).
+    pub embed_tokens: Embedding<B>,
+    /// Layers and final norm.
+    pub decoder: Decoder<B>,
+    #[module(skip)]
+    positions: SinusoidalPositions,
+    #[module(skip)]
+    embed_scale: f64,
+    #[module(skip)]
+    pad_token_id: u32,
+}
+
+/// Text model plus head (HF `Kosmos2TextForCausalLM`).
+#[derive(Module, Debug)]
+pub struct Kosmos2TextForCausalLm<B: Backend> {
+    /// The text model.
+    pub model: Kosmos2TextModel<B>,
+    /// Untied head (`None` = tied to `model.embed_tokens`).
+    pub lm_head: Option<Linear<B>>,
+}
+
+/// The vision tower wrapper (HF `Kosmos2VisionModel`, whose tower sits under `model`).
+#[derive(Module, Debug)]
+pub struct Kosmos2VisionModel<B: Backend> {
+    /// The CLIP tower.
+    pub model: ClipVisionModel<B>,
+}
+
+/// KOSMOS-2.
+#[derive(Module, Debug)]
+pub struct Kosmos2<B: Backend> {
+    /// Text decoder and head.
+    pub text_model: Kosmos2TextForCausalLm<B>,
+    /// Vision tower.
+    pub vision_model: Kosmos2VisionModel<B>,
+    /// Features -> image embeddings.
+    pub image_to_text_projection: ImageToTextProjection<B>,
+}
+
+/// Inputs of a forward pass, as the processor produces them.
+#[derive(Clone, Debug)]
+pub struct Kosmos2Input<B: Backend> {
+    /// Token ids `[batch, len]`.
+    pub input_ids: Tensor<B, 2, Int>,
+    /// `1` for real tokens, `0` for padding (`None` = all real).
+    pub attention_mask: Option<Tensor<B, 2, Int>>,
+    /// Images `[batch, 3, H, W]` (`None` = text only).
+    pub pixel_values: Option<Tensor<B, 4>>,
+    /// `1` where an image embedding replaces the token embedding.
+    pub image_embeds_position_mask: Option<Tensor<B, 2, Int>>,
+}
+
+/// Outputs of a forward pass.
+#[derive(Clone, Debug)]
+pub struct Kosmos2Output<B: Backend> {
+    /// Next-token logits at every position, `[batch, len, vocab]`.
+    pub logits: Tensor<B, 3>,
+    /// Text decoder output after the final norm, `[batch, len, embed]`.
+    pub last_hidden_state: Tensor<B, 3>,
+    /// Image embeddings written into the sequence, `[batch, latents, embed]`.
+    pub image_embeds: Option<Tensor<B, 3>>,
+}
+
+/// Bad inputs or checkpoint problems, each naming the thing.
+#[derive(Debug, thiserror::Error)]
+pub enum Kosmos2Error {
+    /// `config.json` problems.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// Weight-file problems.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The model directory or a file in it is missing.
+    #[error("`{path}`: {message}")]
+    Missing {
+        /// The path.
+        path: PathBuf,
+        /// What was expected there.
+        message: String,
+    },
+    /// Inputs that do not fit together.
+    #[error("invalid input: {0}")]
+    Input(String),
+}
+
+fn int_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Vec<Vec<i64>> {
+    let [_, len] = t.dims();
+    let v = t.to_data().convert::<i64>().to_vec::<i64>().expect("int data");
+    v.chunks(len.max(1)).map(|r| r.to_vec()).collect()
+}
+
+impl<B: Backend> Kosmos2TextModel<B> {
+    /// Token embeddings with image embeddings written in, scaled, plus positions.
+    pub fn input_embeddings(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        image_embeds: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
+        past_length: usize,
+    ) -> Result<Tensor<B, 3>, Kosmos2Error> {
+        let [b, t] = input_ids.dims();
+        let device = input_ids.device();
+        let mut embeds = self.embed_tokens.forward(input_ids.clone());
+        let e = embeds.dims()[2];
+        if let Some((images, mask)) = image_embeds {
+            let [ib, latents, ie] = images.dims();
+            if ib != b || ie != e || mask.dims() != [b, t] {
+                return Err(Kosmos2Error::Input(format!(
+                    "image embeddings {:?} and position mask {:?} do not fit input ids {:?}",
+                    images.dims(),
+                    mask.dims(),
+                    [b, t]
+                )));
+            }
+            let mut index = vec![0i64; b * t];
+            for (row, m) in int_rows(mask).iter().enumerate() {
+                let slots: Vec<usize> = m.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, _)| i).collect();
+                if slots.len() != latents {
+                    return Err(Kosmos2Error::Input(format!(
+                        "row {row} of image_embeds_position_mask marks {} positions, the model produces {latents} image embeddings per image",
+                        slots.len()
+                    )));
+                }
+                for (k, pos) in slots.into_iter().enumerate() {
+                    index[row * t + pos] = (row * latents + k) as i64;
+                }
+            }
+            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * t]), &device);
+            let gathered = images
+                .clone()
+                .reshape([b * latents, e])
+                .select(0, index)
+                .reshape([b, t, e]);
+            let where_image = mask.clone().equal_elem(1).reshape([b, t, 1]).expand([b, t, e]);
+            embeds = embeds.mask_where(where_image, gathered);
+        }
+        let embeds = embeds.mul_scalar(self.embed_scale);
+        let ids: Vec<Vec<u32>> = int_rows(input_ids)
+            .into_iter()
+            .map(|r| r.into_iter().map(|v| v as u32).collect())
+            .collect();
+        let positions = self.positions.position_ids(&ids, self.pad_token_id, past_length);
+        Ok(embeds.clone() + self.positions.embed_positions::<B>(&positions, &device, embeds.dtype()))
+    }
+}
+
+impl<B: Backend> Kosmos2<B> {
+    /// Build a randomly initialised model from a configuration.
+    pub fn new(config: &Kosmos2Config, device: &B::Device) -> Self {
+        let t = &config.text_config;
+        Kosmos2 {
+            text_model: Kosmos2TextForCausalLm {
+                model: Kosmos2TextModel {
+                    embed_tokens: EmbeddingConfig::new(t.vocab_size, t.embed_dim).init(device),
+                    decoder: config.decoder().init(device),
+                    positions: SinusoidalPositionsConfig::new(t.embed_dim)
+                        .with_padding_idx(t.pad_token_id as usize)
+                        .init(),
+                    embed_scale: if t.scale_embedding {
+                        (t.embed_dim as f64).sqrt()
+                    } else {
+                        1.0
+                    },
+                    pad_token_id: t.pad_token_id,
+                },
+                lm_head: (!t.tie_word_embeddings).then(|| {
+                    LinearConfig::new(t.embed_dim, t.vocab_size)
+                        .with_bias(false)
+                        .init(device)
+                }),
+            },
+            vision_model: Kosmos2VisionModel {
+                model: config.vision().init(device),
+            },
+            image_to_text_projection: config.projection().init(device),
+        }
+    }
+
+    /// Load a local HF model directory: `config.json` plus `model.safetensors` or a sharded set
+    /// with `model.safetensors.index.json`; weights stored as f32, f16 or bf16 are brought to f32.
+    ///
+    /// ```no_run
+    /// use kosmos_models::Kosmos2;
+    /// type B = burn::backend::Flex;
+    /// let model = Kosmos2::<B>::from_pretrained("kosmos-2-patch14-224", &Default::default())?;
+    /// # Ok::<(), kosmos_models::Kosmos2Error>(())
+    /// ```
+    pub fn from_pretrained(dir: impl AsRef<Path>, device: &B::Device) -> Result<Self, Kosmos2Error> {
+        Self::from_pretrained_with_dtype(dir, device, DType::F32)
+    }
+
+    /// As [`Kosmos2::from_pretrained`], with the parameters in `dtype`.
+    pub fn from_pretrained_with_dtype(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, Kosmos2Error> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            return Err(Kosmos2Error::Missing {
+                path: dir.to_path_buf(),
+                message: "model directory not found".into(),
+            });
+        }
+        let config_path = dir.join("config.json");
+        if !config_path.is_file() {
+            return Err(Kosmos2Error::Missing {
+                path: config_path,
+                message: "no config.json: not a Hugging Face model directory".into(),
+            });
+        }
+        let config = Kosmos2Config::from_json_file(&config_path)?;
+        let files = weight_files(dir)?;
+        let mut model = Self::new(&config, device);
+        let map = if config.text_config.tie_word_embeddings {
+            &HF_KOSMOS2
+        } else {
+            &HF_KOSMOS2_UNTIED
+        };
+        load_safetensors_files(&mut model, &files, map)?;
+        Ok(cast_floats(model, dtype))
+    }
+
+    /// Use the given attention kernel everywhere.
+    pub fn set_attention_impl(&mut self, implementation: AttentionImpl) {
+        self.text_model.model.decoder.set_attention_impl(implementation);
+        for layer in self.vision_model.model.encoder.layers.iter_mut() {
+            layer.self_attn.set_implementation(implementation);
+        }
+        self.image_to_text_projection.x_attn.set_implementation(implementation);
+    }
+
+    /// Image embeddings `[batch, latents, embed]` from pixels `[batch, 3, H, W]`.
+    pub fn image_embeds(&self, pixel_values: Tensor<B, 4>) -> Tensor<B, 3> {
+        let features = self.vision_model.model.image_features(pixel_values, false);
+        self.image_to_text_projection.forward(features)
+    }
+
+    /// Logits from decoder hidden states (tied head unless the checkpoint has its own).
+    pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.text_model.lm_head {
+            Some(head) => head.forward(hidden),
+            None => linear(
+                hidden,
+                self.text_model.model.embed_tokens.weight.val().transpose(),
+                None,
+            ),
+        }
+    }
+
+    /// Full forward pass (`model(...)` in transformers): image embeddings, text decoder, logits
+    /// at every position.
+    pub fn forward(&self, input: &Kosmos2Input<B>) -> Result<Kosmos2Output<B>, Kosmos2Error> {
+        self.forward_cached(input, None)
+    }
+
+    /// Forward pass that also fills (or extends) a KV cache. With a non-empty cache the inputs are
+    /// the new tokens only and `attention_mask` must cover cached plus new tokens.
+    pub fn forward_cached(
+        &self,
+        input: &Kosmos2Input<B>,
+        cache: Option<&mut DecoderCache<B>>,
+    ) -> Result<Kosmos2Output<B>, Kosmos2Error> {
+        let [b, t] = input.input_ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        let image_embeds = match (&input.pixel_values, &input.image_embeds_position_mask) {
+            (Some(pixels), Some(_)) => Some(self.image_embeds(pixels.clone())),
+            (Some(_), None) => {
+                return Err(Kosmos2Error::Input(
+                    "pixel_values given without image_embeds_position_mask".into(),
+                ));
+            }
+            (None, _) => None,
+        };
+        let text = &self.text_model.model;
+        let embeds = text.input_embeddings(
+            &input.input_ids,
+            image_embeds.as_ref().zip(input.image_embeds_position_mask.as_ref()),
+            past,
+        )?;
+        let mask = match &input.attention_mask {
+            Some(m) => {
+                if m.dims() != [b, past + t] {
+                    return Err(Kosmos2Error::Input(format!(
+                        "attention_mask is {:?}, expected {:?}",
+                        m.dims(),
+                        [b, past + t]
+                    )));
+                }
+                AttentionMask::causal_with_attention_mask(m.clone())
+            }
+            None => AttentionMask::causal(),
+        };
+        let hidden = text.decoder.forward(embeds, &mask, cache);
+        Ok(Kosmos2Output {
+            logits: self.logits(hidden.clone()),
+            last_hidden_state: hidden,
+            image_embeds,
+        })
+    }
+}
+
+/// The weight files of a model directory: `model.safetensors`, or the shards listed by
+/// `model.safetensors.index.json`.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, Kosmos2Error> {
+    let single = dir.join("model.safetensors");
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    if !index.is_file() {
+        return Err(Kosmos2Error::Missing {
+            path: dir.to_path_buf(),
+            message: "neither model.safetensors nor model.safetensors.index.json".into(),
+        });
+    }
+    let text = std::fs::read_to_string(&index).map_err(|e| Kosmos2Error::Missing {
+        path: index.clone(),
+        message: e.to_string(),
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Kosmos2Error::Missing {
+        path: index.clone(),
+        message: format!("not a valid index: {e}"),
+    })?;
+    let map = json["weight_map"].as_object().ok_or_else(|| Kosmos2Error::Missing {
+        path: index.clone(),
+        message: "no `weight_map` object".into(),
+    })?;
+    let mut files: Vec<PathBuf> = map.values().filter_map(|v| v.as_str()).map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            return Err(Kosmos2Error::Missing {
+                path: f.clone(),
+                message: format!("shard listed in {} is missing", index.display()),
+            });
+        }
+    }
+    Ok(files)
+}

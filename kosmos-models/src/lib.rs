@@ -1,0 +1,14 @@
+//! # kosmos-models
+//!
+//! The assembled models of kosmos-burn, generic over `B: Backend`:
+//!
+//! * [`Kosmos2`]: KOSMOS-2 as HF transformers' `Kosmos2ForConditionalGeneration`, loadable from a
+//!   local Hugging Face model directory (`Kosmos2::from_pretrained`), at logits parity with
+//!   transformers;
+//! * [`config`]: `config.json` parsing with the reference's aliases, defaults and validation.
+
+pub mod config;
+pub mod kosmos2;
+
+pub use config::{ConfigError, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
+pub use kosmos2::{Kosmos2, Kosmos2Error, Kosmos2Input, Kosmos2Output};
