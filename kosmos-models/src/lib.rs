@@ -5,9 +5,11 @@
 //! * [`Kosmos2`]: KOSMOS-2 as HF transformers' `Kosmos2ForConditionalGeneration`, loadable from a
 //!   local Hugging Face model directory (`Kosmos2::from_pretrained`), at logits parity with
 //!   transformers;
+//! * [`grounding`]: the location-token codec and `post_process_generation`, equal to transformers';
 //! * [`config`]: `config.json` parsing with the reference's aliases, defaults and validation.
 
 pub mod config;
+pub mod grounding;
 pub mod kosmos2;
 
 pub use config::{ConfigError, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};

@@ -1,5 +1,6 @@
 //! Integration tests of kosmos-models (one test binary for the crate).
 
+mod grounding;
 mod kosmos2_parity;
 mod loading_errors;
 
