@@ -6,11 +6,13 @@
 //!   local Hugging Face model directory (`Kosmos2::from_pretrained`), at logits parity with
 //!   transformers;
 //! * [`grounding`]: the location-token codec and `post_process_generation`, equal to transformers';
+//! * [`processor`]: prompts to ids and masks, equal to transformers' `Kosmos2Processor`;
 //! * [`config`]: `config.json` parsing with the reference's aliases, defaults and validation.
 
 pub mod config;
 pub mod grounding;
 pub mod kosmos2;
+pub mod processor;
 
 pub use config::{ConfigError, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
 pub use kosmos2::{Kosmos2, Kosmos2Error, Kosmos2Input, Kosmos2Output};

@@ -3,6 +3,7 @@
 mod grounding;
 mod kosmos2_parity;
 mod loading_errors;
+mod processor;
 
 /// The default test backend.
 pub type TB = burn::backend::Flex;
