@@ -140,7 +140,50 @@ pub enum Kosmos2Error {
     Input(String),
 }
 
-fn int_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Vec<Vec<i64>> {
+/// Overwrite the token embeddings `[batch, len, embed]` with the image embeddings
+/// `[batch, latents, embed]` at the positions where `mask` (`[batch, len]`) is 1, in order; each
+/// row must mark exactly `latents` positions.
+pub fn write_image_embeds<B: Backend>(
+    embeds: Tensor<B, 3>,
+    images: &Tensor<B, 3>,
+    mask: &Tensor<B, 2, Int>,
+) -> Result<Tensor<B, 3>, Kosmos2Error> {
+    let [b, t, e] = embeds.dims();
+    let device = embeds.device();
+    let [ib, latents, ie] = images.dims();
+    if ib != b || ie != e || mask.dims() != [b, t] {
+        return Err(Kosmos2Error::Input(format!(
+            "image embeddings {:?} and position mask {:?} do not fit token embeddings {:?}",
+            images.dims(),
+            mask.dims(),
+            [b, t, e]
+        )));
+    }
+    let mut index = vec![0i64; b * t];
+    for (row, m) in int_rows(mask).iter().enumerate() {
+        let slots: Vec<usize> = m.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, _)| i).collect();
+        if slots.len() != latents {
+            return Err(Kosmos2Error::Input(format!(
+                "row {row} of image_embeds_position_mask marks {} positions, the model produces {latents} image embeddings per image",
+                slots.len()
+            )));
+        }
+        for (k, pos) in slots.into_iter().enumerate() {
+            index[row * t + pos] = (row * latents + k) as i64;
+        }
+    }
+    let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * t]), &device);
+    let gathered = images
+        .clone()
+        .reshape([b * latents, e])
+        .select(0, index)
+        .reshape([b, t, e]);
+    let where_image = mask.clone().equal_elem(1).reshape([b, t, 1]).expand([b, t, e]);
+    Ok(embeds.mask_where(where_image, gathered))
+}
+
+/// Rows of an int tensor on the host.
+pub(crate) fn int_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Vec<Vec<i64>> {
     let [_, len] = t.dims();
     let v = t.to_data().convert::<i64>().to_vec::<i64>().expect("int data");
     v.chunks(len.max(1)).map(|r| r.to_vec()).collect()
@@ -154,41 +197,10 @@ impl<B: Backend> Kosmos2TextModel<B> {
         image_embeds: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
         past_length: usize,
     ) -> Result<Tensor<B, 3>, Kosmos2Error> {
-        let [b, t] = input_ids.dims();
         let device = input_ids.device();
         let mut embeds = self.embed_tokens.forward(input_ids.clone());
-        let e = embeds.dims()[2];
         if let Some((images, mask)) = image_embeds {
-            let [ib, latents, ie] = images.dims();
-            if ib != b || ie != e || mask.dims() != [b, t] {
-                return Err(Kosmos2Error::Input(format!(
-                    "image embeddings {:?} and position mask {:?} do not fit input ids {:?}",
-                    images.dims(),
-                    mask.dims(),
-                    [b, t]
-                )));
-            }
-            let mut index = vec![0i64; b * t];
-            for (row, m) in int_rows(mask).iter().enumerate() {
-                let slots: Vec<usize> = m.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, _)| i).collect();
-                if slots.len() != latents {
-                    return Err(Kosmos2Error::Input(format!(
-                        "row {row} of image_embeds_position_mask marks {} positions, the model produces {latents} image embeddings per image",
-                        slots.len()
-                    )));
-                }
-                for (k, pos) in slots.into_iter().enumerate() {
-                    index[row * t + pos] = (row * latents + k) as i64;
-                }
-            }
-            let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * t]), &device);
-            let gathered = images
-                .clone()
-                .reshape([b * latents, e])
-                .select(0, index)
-                .reshape([b, t, e]);
-            let where_image = mask.clone().equal_elem(1).reshape([b, t, 1]).expand([b, t, e]);
-            embeds = embeds.mask_where(where_image, gathered);
+            embeds = write_image_embeds(embeds, images, mask)?;
         }
         let embeds = embeds.mul_scalar(self.embed_scale);
         let ids: Vec<Vec<u32>> = int_rows(input_ids)

@@ -7,11 +7,15 @@
 //!   transformers;
 //! * [`grounding`]: the location-token codec and `post_process_generation`, equal to transformers';
 //! * [`processor`]: prompts to ids and masks, equal to transformers' `Kosmos2Processor`;
+//! * [`Kosmos1`](kosmos1::Kosmos1): KOSMOS-1 from the same parts (MAGNETO + XPOS decoder, perceiver
+//!   resampler), with [`loss`] the text-only next-token loss;
 //! * [`config`]: `config.json` parsing with the reference's aliases, defaults and validation.
 
 pub mod config;
 pub mod grounding;
+pub mod kosmos1;
 pub mod kosmos2;
+pub mod loss;
 pub mod processor;
 
 pub use config::{ConfigError, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};

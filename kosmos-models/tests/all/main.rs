@@ -1,6 +1,7 @@
 //! Integration tests of kosmos-models (one test binary for the crate).
 
 mod grounding;
+mod kosmos1;
 mod kosmos2_parity;
 mod loading_errors;
 mod processor;

@@ -1,0 +1,31 @@
+//! The language-modelling loss of KOSMOS: next-token cross-entropy over text positions only.
+//!
+//! `labels` are aligned with the inputs (HF convention): the loss at position `t` compares the
+//! logits at `t` with the label at `t + 1`; labels equal to [`IGNORE_INDEX`] (image slots,
+//! padding, instruction prompts) do not count. The mean is over counted tokens.
+
+use burn::prelude::*;
+use burn::tensor::activation::log_softmax;
+
+/// Label value that is not counted (PyTorch's `ignore_index`).
+pub const IGNORE_INDEX: i64 = -100;
+
+/// Mean next-token cross-entropy; `logits: [batch, len, vocab]`, `labels: [batch, len]`.
+/// Returns a scalar tensor (zero when nothing is counted).
+pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    if t < 2 {
+        return Tensor::zeros([1], &logits.device());
+    }
+    let logits = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
+    let targets = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    let counted = targets.clone().not_equal_elem(IGNORE_INDEX);
+    let safe_targets = targets.mask_fill(counted.clone().bool_not(), 0);
+    let log_probs = log_softmax(logits, 1);
+    let picked = log_probs
+        .gather(1, safe_targets.reshape([b * (t - 1), 1]))
+        .reshape([b * (t - 1)]);
+    let weights = counted.float();
+    let total = weights.clone().sum().clamp_min(1.0);
+    (picked * weights).sum().neg() / total
+}
