@@ -20,6 +20,6 @@ fi
 cargo test --workspace "${features[@]}"
 
 # The book's examples are compiled and run (they are included in its chapters).
-for example in decoder backend_task vision; do
+for example in decoder backend_task vision kosmos2; do
     cargo run -q -p kosmos-book --example "$example" "${features[@]}"
 done

@@ -4,7 +4,9 @@ mod grounding;
 mod kosmos1;
 mod kosmos2_parity;
 mod loading_errors;
+mod memory;
 mod processor;
+mod tokenizer;
 
 /// The default test backend.
 pub type TB = burn::backend::Flex;
