@@ -13,17 +13,24 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let model_dir = args.next().unwrap_or_else(|| "fixtures/kosmos2/tiny".into());
     let tokenizer_dir = args.next().unwrap_or_else(|| "fixtures/kosmos2/tokenizer".into());
-    let image = args.next().unwrap_or_else(|| "fixtures/preprocess/images/rgb_300x200.png".into());
+    let image = args
+        .next()
+        .unwrap_or_else(|| "fixtures/preprocess/images/rgb_300x200.png".into());
     let device = Default::default();
 
     // Model, text processor (latent_query_num image slots) and image preprocessing.
     let model = Kosmos2::<B>::from_pretrained(&model_dir, &device)?;
     let latents = model.image_to_text_projection.latent_query.dims()[0];
     let processor = Kosmos2Processor::from_dir(&tokenizer_dir, latents)?;
-    let images = ImageProcessor::new(ImageProcessorConfig::from_json_file(format!("{tokenizer_dir}/preprocessor_config.json"))?)?;
+    let images = ImageProcessor::new(ImageProcessorConfig::from_json_file(format!(
+        "{tokenizer_dir}/preprocessor_config.json"
+    ))?)?;
 
     // "<s><image> ... </image><grounding> An image of" with its masks.
-    let enc = processor.encode(&[Prompt::with_image("<grounding> An image of")], &EncodeOptions::default())?;
+    let enc = processor.encode(
+        &[Prompt::with_image("<grounding> An image of")],
+        &EncodeOptions::default(),
+    )?;
     let ids: Vec<i64> = enc.input_ids[0].iter().map(|&v| v as i64).collect();
     let mask: Vec<i64> = enc.image_embeds_position_mask[0].iter().map(|&v| v as i64).collect();
     let len = ids.len();
@@ -35,7 +42,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let out = model.forward(&input)?;
     let next: i64 = out.logits.slice([0..1, len - 1..len]).argmax(2).into_scalar().elem();
-    println!("prompt of {len} tokens; most likely next token: {next} ({:?})", processor.decode(&[next as u32])?);
+    println!(
+        "prompt of {len} tokens; most likely next token: {next} ({:?})",
+        processor.decode(&[next as u32])?
+    );
 
     // Grounded text -> clean caption and boxes.
     let (caption, entities) = post_process_generation(

@@ -141,6 +141,35 @@ pub const FLAMINGO_PERCEIVER: KeyMap = KeyMap {
     ignore: &[],
 };
 
+/// HF KOSMOS-2 checkpoint keys onto `kosmos_models::Kosmos2` (tied `lm_head`).
+pub const HF_KOSMOS2: KeyMap = KeyMap {
+    rename: &[
+        // Our text model keeps its layer stack in a `Decoder` (layers + final norm) next to the
+        // token embedding; HF puts both directly under `text_model.model`.
+        (r"^text_model\.model\.layers\.", "text_model.model.decoder.layers."),
+        (
+            r"^text_model\.model\.layer_norm\.",
+            "text_model.model.decoder.layer_norm.",
+        ),
+    ],
+    ignore: &[
+        // Tied to `embed_tokens`: save_pretrained omits it, other exports may store a copy.
+        r"^text_model\.lm_head\.weight$",
+        // Non-persistent buffers that some exports persist: sinusoid table and position ids.
+        r"^text_model\.model\.embed_positions\.",
+        r"^vision_model\.model\.embeddings\.position_ids$",
+    ],
+};
+
+/// As [`HF_KOSMOS2`] for checkpoints with an untied `lm_head` (loaded, not ignored).
+pub const HF_KOSMOS2_UNTIED: KeyMap = KeyMap {
+    rename: HF_KOSMOS2.rename,
+    ignore: &[
+        r"^text_model\.model\.embed_positions\.",
+        r"^vision_model\.model\.embeddings\.position_ids$",
+    ],
+};
+
 fn is_ignored(key: &str, map: &KeyMap) -> bool {
     map.ignore
         .iter()

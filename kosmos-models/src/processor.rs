@@ -56,15 +56,27 @@ pub enum Truncation {
     CutTextFromLeft,
 }
 
+/// A piece of an interleaved prompt.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Segment {
+    /// Text.
+    Text(String),
+    /// An image block (`<image>`, one slot per latent, `</image>`).
+    Image,
+}
+
 /// One prompt.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Prompt {
     /// The text, e.g. `"<grounding>An image of"`.
     pub text: String,
-    /// Whether an image goes with it (an image block is inserted).
+    /// Whether an image goes with it (an image block is inserted before the text).
     pub image: bool,
     /// Boxes per `<phrase>` span, in order (empty = none).
     pub boxes: Vec<PhraseBoxes>,
+    /// Several images interleaved with text (KOSMOS-1 documents and few-shot prompts); when not
+    /// empty it replaces `text` and `image`. The images' embeddings fill the blocks in order.
+    pub segments: Vec<Segment>,
 }
 
 impl Prompt {
@@ -73,7 +85,7 @@ impl Prompt {
         Self {
             text: text.into(),
             image: true,
-            boxes: Vec::new(),
+            ..Self::default()
         }
     }
 
@@ -81,8 +93,25 @@ impl Prompt {
     pub fn text(text: impl Into<String>) -> Self {
         Self {
             text: text.into(),
-            image: false,
-            boxes: Vec::new(),
+            ..Self::default()
+        }
+    }
+
+    /// An interleaved prompt, e.g. `[Image, Text("A cat."), Image, Text("A")]` for few-shot
+    /// captioning.
+    pub fn interleaved(segments: Vec<Segment>) -> Self {
+        Self {
+            segments,
+            ..Self::default()
+        }
+    }
+
+    /// Number of images in the prompt.
+    pub fn num_images(&self) -> usize {
+        if self.segments.is_empty() {
+            self.image as usize
+        } else {
+            self.segments.iter().filter(|s| matches!(s, Segment::Image)).count()
         }
     }
 }
@@ -250,14 +279,26 @@ impl Kosmos2Processor {
 
     /// The prompt string before tokenization (HF `preprocess_examples`).
     pub fn prompt_string(&self, prompt: &Prompt, index: usize) -> Result<String, ProcessorError> {
-        let mut text = prompt.text.trim().to_string();
-        if prompt.image {
-            let block: Vec<&str> = std::iter::once("<image>")
-                .chain(std::iter::repeat_n("<image>", self.num_image_tokens))
-                .chain(std::iter::once("</image>"))
+        let block: Vec<&str> = std::iter::once("<image>")
+            .chain(std::iter::repeat_n("<image>", self.num_image_tokens))
+            .chain(std::iter::once("</image>"))
+            .collect();
+        let block = block.join(" ");
+        let text = if prompt.segments.is_empty() {
+            let text = prompt.text.trim().to_string();
+            if prompt.image { format!("{block} {text}") } else { text }
+        } else {
+            let parts: Vec<&str> = prompt
+                .segments
+                .iter()
+                .map(|s| match s {
+                    Segment::Text(t) => t.trim(),
+                    Segment::Image => block.as_str(),
+                })
+                .filter(|s| !s.is_empty())
                 .collect();
-            text = format!("{} {text}", block.join(" "));
-        }
+            parts.join(" ")
+        };
         self.insert_boxes(&text, &prompt.boxes, index)
     }
 
@@ -317,7 +358,7 @@ impl Kosmos2Processor {
 
     /// Encode a batch of prompts.
     pub fn encode(&self, prompts: &[Prompt], options: &EncodeOptions) -> Result<Encoding, ProcessorError> {
-        let any_image = prompts.iter().any(|p| p.image);
+        let any_image = prompts.iter().any(|p| p.num_images() > 0);
         let with_bos = options.add_special_tokens;
         let mut enc = Encoding::default();
         for (index, prompt) in prompts.iter().enumerate() {
@@ -334,7 +375,26 @@ impl Kosmos2Processor {
                 })?;
             let mut ids = encoded.get_ids().to_vec();
             let mut image_mask = vec![0u32; ids.len()];
-            if prompt.image {
+            if !prompt.segments.is_empty() {
+                // Each block is `<image>`, N placeholder `<image>`s, `</image>`.
+                let (boi, eoi) = (
+                    token_id(&self.tokenizer, "<image>")?,
+                    token_id(&self.tokenizer, "</image>")?,
+                );
+                let n = self.num_image_tokens;
+                let mut p = 0;
+                while p + n + 1 < ids.len() {
+                    if ids[p] == boi && ids[p + 1..=p + n].iter().all(|&i| i == boi) && ids[p + n + 1] == eoi {
+                        for k in 0..n {
+                            ids[p + 1 + k] = self.unk_id + 1 + k as u32;
+                            image_mask[p + 1 + k] = 1;
+                        }
+                        p += n + 2;
+                    } else {
+                        p += 1;
+                    }
+                }
+            } else if prompt.image {
                 let start = with_bos as usize + 1;
                 for k in 0..self.num_image_tokens {
                     if let Some(slot) = ids.get_mut(start + k) {

@@ -38,7 +38,10 @@ fn write_random_checkpoint(dir: &std::path::Path, config: &Kosmos2Config) -> u64
     let mut offset = 0u64;
     for (key, shape) in &tensors {
         let bytes = shape.iter().product::<usize>() as u64 * 4;
-        header.insert(key.clone(), serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}));
+        header.insert(
+            key.clone(),
+            serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + bytes]}),
+        );
         offset += bytes;
     }
     let mut header = serde_json::to_vec(&header).unwrap();

@@ -95,7 +95,12 @@ fn processor_equals_transformers() {
             .into_iter()
             .zip(images)
             .zip(boxes)
-            .map(|((text, image), boxes)| Prompt { text, image, boxes })
+            .map(|((text, image), boxes)| Prompt {
+                text,
+                image,
+                boxes,
+                ..Default::default()
+            })
             .collect();
         let options = EncodeOptions {
             add_special_tokens: kwargs
@@ -213,4 +218,47 @@ fn long_prompts_are_refused_or_cut_keeping_the_image_block() {
             )
             .is_err()
     );
+}
+
+#[test]
+fn interleaved_prompts_get_one_block_per_image() {
+    use kosmos_models::processor::Segment;
+    let fx = Fixture::open("kosmos2/processor");
+    let processor = Kosmos2Processor::from_dir(fx.dir.join("../tokenizer_realids"), 4).unwrap();
+    let few_shot = Prompt::interleaved(vec![
+        Segment::Image,
+        Segment::Text("A dog.".into()),
+        Segment::Image,
+        Segment::Text("A".into()),
+    ]);
+    assert_eq!(few_shot.num_images(), 2);
+    let enc = processor
+        .encode(std::slice::from_ref(&few_shot), &EncodeOptions::default())
+        .unwrap();
+    let (ids, mask) = (&enc.input_ids[0], &enc.image_embeds_position_mask[0]);
+    assert_eq!(mask.iter().sum::<u32>(), 8, "two blocks of 4 slots");
+    // Both blocks use slot ids 4..7 and sit between <image> (64003) and </image> (64004).
+    let starts: Vec<usize> = (0..ids.len())
+        .filter(|&i| mask[i] == 1 && (i == 0 || mask[i - 1] == 0))
+        .collect();
+    assert_eq!(starts.len(), 2);
+    for s in starts {
+        assert_eq!(ids[s - 1], 64003);
+        assert_eq!(&ids[s..s + 4], &[4, 5, 6, 7]);
+        assert_eq!(ids[s + 4], 64004);
+    }
+    // One image first and the same text gives the single-image encoding.
+    let single = processor
+        .encode(&[Prompt::with_image("A dog.")], &EncodeOptions::default())
+        .unwrap();
+    let inter = processor
+        .encode(
+            &[Prompt::interleaved(vec![
+                Segment::Image,
+                Segment::Text("A dog.".into()),
+            ])],
+            &EncodeOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(single, inter);
 }
