@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use burn_store::{ApplyError, KeyRemapper, ModuleSnapshot, PyTorchToBurnAdapter, SafetensorsStore};
+use burn_store::{ApplyError, ApplyResult, ModuleSnapshot, PyTorchToBurnAdapter, TensorSnapshot};
 use safetensors::SafeTensors;
 
 /// Why loading weights failed. Every variant names the file and, where there is one, the tensor.
@@ -285,25 +285,16 @@ fn apply_file<B: Backend, M: ModuleSnapshot<B>>(
     map: &KeyMap,
 ) -> Result<FileResult, LoadError> {
     check_file(path)?;
-    // Validate the header up front so that truncated files fail with the file's name.
-    let file_shapes = read_header(path)?;
-
-    let mut remapper = KeyRemapper::new();
-    for (from, to) in map.rename {
-        remapper = remapper.add_pattern(*from, *to).map_err(|e| LoadError::Other {
+    // Header only: sizes and offsets, checked against the file length (truncation).
+    let (data_start, entries) = read_header_entries(path)?;
+    let file_shapes: BTreeMap<String, Vec<usize>> = entries.iter().map(|(k, e)| (k.clone(), e.shape.clone())).collect();
+    for (from, _) in map.rename {
+        regex::Regex::new(from).map_err(|e| LoadError::Other {
             path: path.to_path_buf(),
             message: format!("bad remap rule `{from}`: {e}"),
         })?;
     }
-    let mut store = SafetensorsStore::from_file(path)
-        .with_from_adapter(PyTorchToBurnAdapter)
-        .remap(remapper)
-        .allow_partial(true)
-        .validate(false);
-    let result = module.load_from(&mut store).map_err(|e| LoadError::Corrupt {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let result = apply_streaming(module, path, data_start, &entries, map)?;
     // The file key a module path came from (for messages in the file's own terms).
     let file_key = |model_path: &str| -> String {
         let candidates = [model_path.to_string(), pytorch_name(model_path)];
@@ -360,20 +351,193 @@ fn apply_file<B: Backend, M: ModuleSnapshot<B>>(
     })
 }
 
-/// Keys and shapes of a safetensors file, reading only its header.
-pub fn read_header(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoadError> {
-    let bytes = std::fs::read(path).map_err(|source| LoadError::Io {
+/// One tensor of a safetensors header.
+#[derive(Clone, Debug)]
+struct HeaderEntry {
+    dtype: String,
+    shape: Vec<usize>,
+    begin: u64,
+    end: u64,
+}
+
+/// Parse a safetensors header without reading the data: `(offset of the data, entries)`. Fails
+/// with [`LoadError::Corrupt`] on a bad header or a file shorter than the header says.
+fn read_header_entries(path: &Path) -> Result<(u64, BTreeMap<String, HeaderEntry>), LoadError> {
+    use std::io::Read;
+    let io = |source| LoadError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
-    let tensors = SafeTensors::deserialize(&bytes).map_err(|e| LoadError::Corrupt {
+    };
+    let corrupt = |message: String| LoadError::Corrupt {
         path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    Ok(tensors
-        .tensors()
+        message,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let file_len = file.metadata().map_err(io)?.len();
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len)
+        .map_err(|_| corrupt("shorter than a safetensors header".into()))?;
+    let n = u64::from_le_bytes(len);
+    if n > 100_000_000 || 8 + n > file_len {
+        return Err(corrupt(format!(
+            "header of {n} bytes does not fit the file ({file_len} bytes)"
+        )));
+    }
+    let mut header = vec![0u8; n as usize];
+    file.read_exact(&mut header)
+        .map_err(|_| corrupt("truncated header".into()))?;
+    let json: serde_json::Value = serde_json::from_slice(&header).map_err(|e| corrupt(format!("bad header: {e}")))?;
+    let object = json
+        .as_object()
+        .ok_or_else(|| corrupt("header is not a JSON object".into()))?;
+    let mut entries = BTreeMap::new();
+    let mut data_end = 0u64;
+    for (key, v) in object {
+        if key == "__metadata__" {
+            continue;
+        }
+        let bad = || corrupt(format!("bad header entry for `{key}`"));
+        let dtype = v["dtype"].as_str().ok_or_else(bad)?.to_string();
+        let shape: Vec<usize> = v["shape"]
+            .as_array()
+            .ok_or_else(bad)?
+            .iter()
+            .map(|d| d.as_u64().map(|d| d as usize))
+            .collect::<Option<_>>()
+            .ok_or_else(bad)?;
+        let offsets = v["data_offsets"].as_array().ok_or_else(bad)?;
+        let (begin, end) = match (
+            offsets.first().and_then(|o| o.as_u64()),
+            offsets.get(1).and_then(|o| o.as_u64()),
+        ) {
+            (Some(b), Some(e)) if b <= e => (b, e),
+            _ => return Err(bad()),
+        };
+        data_end = data_end.max(end);
+        entries.insert(
+            key.clone(),
+            HeaderEntry {
+                dtype,
+                shape,
+                begin,
+                end,
+            },
+        );
+    }
+    if 8 + n + data_end > file_len {
+        return Err(corrupt(format!(
+            "truncated: the header describes {} bytes of data, the file has {}",
+            data_end,
+            file_len - 8 - n
+        )));
+    }
+    Ok((8 + n, entries))
+}
+
+/// Bytes per element of the float dtypes a checkpoint may use.
+fn float_dtype(name: &str) -> Option<(burn::tensor::DType, usize)> {
+    match name {
+        "F32" => Some((burn::tensor::DType::F32, 4)),
+        "F16" => Some((burn::tensor::DType::F16, 2)),
+        "BF16" => Some((burn::tensor::DType::BF16, 2)),
+        "F64" => Some((burn::tensor::DType::F64, 8)),
+        _ => None,
+    }
+}
+
+/// Apply a file's tensors to the module a few at a time, each read from disk only when it is
+/// applied, so that loading holds one copy of the weights (plus the tensor in flight).
+fn apply_streaming<B: Backend, M: ModuleSnapshot<B>>(
+    module: &mut M,
+    path: &Path,
+    data_start: u64,
+    entries: &BTreeMap<String, HeaderEntry>,
+    map: &KeyMap,
+) -> Result<ApplyResult, LoadError> {
+    use std::os::unix::fs::FileExt;
+    use std::rc::Rc;
+    let file = Rc::new(std::fs::File::open(path).map_err(|source| LoadError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?);
+    const CHUNK_BYTES: u64 = 256 << 20;
+    let mut merged: Option<ApplyResult> = None;
+    let mut batch: Vec<TensorSnapshot> = Vec::new();
+    let mut batch_bytes = 0u64;
+    let keys: Vec<&String> = entries.keys().collect();
+    for (i, key) in keys.iter().enumerate() {
+        let entry = &entries[*key];
+        let (dtype, width) = float_dtype(&entry.dtype).ok_or_else(|| LoadError::UnsupportedDtype {
+            path: path.to_path_buf(),
+            key: (*key).clone(),
+            dtype: entry.dtype.clone(),
+        })?;
+        let count: usize = entry.shape.iter().product();
+        if (entry.end - entry.begin) as usize != count * width {
+            return Err(LoadError::Corrupt {
+                path: path.to_path_buf(),
+                message: format!(
+                    "tensor `{key}`: {} bytes for shape {:?} of {}",
+                    entry.end - entry.begin,
+                    entry.shape,
+                    entry.dtype
+                ),
+            });
+        }
+        let (f, shape, offset, len) = (
+            file.clone(),
+            entry.shape.clone(),
+            data_start + entry.begin,
+            entry.end - entry.begin,
+        );
+        let read = move || -> Result<TensorData, burn_store::TensorSnapshotError> {
+            let mut bytes = vec![0u8; len as usize];
+            f.read_exact_at(&mut bytes, offset)
+                .map_err(|e| burn_store::TensorSnapshotError::IoError(e.to_string()))?;
+            Ok(TensorData::from_bytes_vec(bytes, shape.clone(), dtype))
+        };
+        let renamed = rename(key, map);
+        let path_stack: Vec<String> = renamed.split('.').map(str::to_string).collect();
+        batch.push(TensorSnapshot::from_closure(
+            Rc::new(read),
+            dtype,
+            entry.shape.clone().into(),
+            path_stack,
+            Vec::new(),
+            burn::module::ParamId::new(),
+        ));
+        batch_bytes += len;
+        if batch_bytes >= CHUNK_BYTES || i + 1 == keys.len() {
+            let result = module.apply(
+                std::mem::take(&mut batch),
+                None,
+                Some(Box::new(PyTorchToBurnAdapter)),
+                false,
+            );
+            batch_bytes = 0;
+            merged = Some(match merged {
+                None => result,
+                Some(mut m) => {
+                    m.applied.extend(result.applied);
+                    m.unused.extend(result.unused);
+                    m.errors.extend(result.errors);
+                    let still: std::collections::BTreeSet<String> =
+                        result.missing.iter().map(|(p, _)| p.clone()).collect();
+                    m.missing.retain(|(p, _)| still.contains(p));
+                    m
+                }
+            });
+        }
+    }
+    Ok(merged.unwrap_or_else(|| module.apply(Vec::new(), None, None, false)))
+}
+
+/// Keys and shapes of a safetensors file, reading only its header.
+pub fn read_header(path: &Path) -> Result<BTreeMap<String, Vec<usize>>, LoadError> {
+    Ok(read_header_entries(path)?
+        .1
         .into_iter()
-        .map(|(k, v)| (k, v.shape().to_vec()))
+        .map(|(k, e)| (k, e.shape))
         .collect())
 }
 
