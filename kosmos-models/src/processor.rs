@@ -146,6 +146,14 @@ impl Default for EncodeOptions {
     }
 }
 
+impl EncodeOptions {
+    /// Refuse prompts longer than the model's positions (`max_position_embeddings`).
+    pub fn within_model(mut self, config: &crate::config::Kosmos2Config) -> Self {
+        self.max_length = Some(config.text_config.max_position_embeddings);
+        self
+    }
+}
+
 /// Processor output, one row per prompt.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Encoding {

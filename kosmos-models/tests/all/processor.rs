@@ -262,3 +262,20 @@ fn interleaved_prompts_get_one_block_per_image() {
         .unwrap();
     assert_eq!(single, inter);
 }
+
+#[test]
+fn prompts_beyond_the_models_positions_are_refused() {
+    let fx = Fixture::open("kosmos2/processor");
+    let processor = Kosmos2Processor::from_dir(fx.dir.join("../tokenizer_realids"), 8).unwrap();
+    let mut config = kosmos_models::Kosmos2Config::patch14_224();
+    config.text_config.max_position_embeddings = 16;
+    let options = EncodeOptions::default().within_model(&config);
+    let err = processor
+        .encode(
+            &[Prompt::with_image("A dog is sitting on the grass next to a red ball.")],
+            &options,
+        )
+        .unwrap_err();
+    assert!(matches!(err, ProcessorError::TooLong { max_length: 16, .. }), "{err}");
+    assert!(processor.encode(&[Prompt::text("A dog.")], &options).is_ok());
+}
