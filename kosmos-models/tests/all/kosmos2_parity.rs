@@ -33,6 +33,18 @@ fn real_positions(t: Tensor<TB, 3>, attention_mask: &Tensor<TB, 2, Int>) -> Tens
     Tensor::cat(rows, 0)
 }
 
+/// The argmax over the vocabulary equals the reference's at every non-pad position.
+fn assert_argmax_equal(logits: Tensor<TB, 3>, io: &kosmos_core::TensorFile, mask: &Tensor<TB, 2, Int>, case: &str) {
+    let argmax: Vec<i64> = logits.argmax(2).into_data().convert::<i64>().to_vec().unwrap();
+    let argmax_ref: Vec<i64> = io.data("logits_argmax").unwrap().convert::<i64>().to_vec().unwrap();
+    let m: Vec<i64> = mask.to_data().convert::<i64>().to_vec().unwrap();
+    for (i, (a, r)) in argmax.iter().zip(&argmax_ref).enumerate() {
+        if m[i] == 1 {
+            assert_eq!(a, r, "{case}: argmax at flat position {i}");
+        }
+    }
+}
+
 /// Load `case`, run it on the inputs of `inputs_case` and compare with the outputs stored in
 /// `outputs_case` (the f16/bf16 copies store outputs only; the sharded copy stores none and must
 /// reproduce the f32 model's).
@@ -75,14 +87,7 @@ fn check_with(case: &str, inputs_case: &str, outputs_case: &str, implementation:
             rtol,
             &what("last-position logits"),
         );
-        let argmax: Vec<i64> = out.logits.argmax(2).into_data().convert::<i64>().to_vec().unwrap();
-        let argmax_ref: Vec<i64> = io.data("logits_argmax").unwrap().convert::<i64>().to_vec().unwrap();
-        let m: Vec<i64> = mask.to_data().convert::<i64>().to_vec().unwrap();
-        for (i, (a, r)) in argmax.iter().zip(&argmax_ref).enumerate() {
-            if m[i] == 1 {
-                assert_eq!(a, r, "{case}: argmax at flat position {i}");
-            }
-        }
+        assert_argmax_equal(out.logits.clone(), &io, &mask, case);
     } else if io.keys().iter().any(|k| k == "logits") {
         let logits_ref: Tensor<TB, 3> = io.tensor("logits", &device).unwrap();
         assert_close(
@@ -113,14 +118,7 @@ fn check_with(case: &str, inputs_case: &str, outputs_case: &str, implementation:
             rtol,
             &what("logsumexp (non-pad)"),
         );
-        let argmax: Vec<i64> = out.logits.argmax(2).into_data().convert::<i64>().to_vec().unwrap();
-        let argmax_ref: Vec<i64> = io.data("logits_argmax").unwrap().convert::<i64>().to_vec().unwrap();
-        let m: Vec<i64> = mask.to_data().convert::<i64>().to_vec().unwrap();
-        for (i, (a, r)) in argmax.iter().zip(&argmax_ref).enumerate() {
-            if m[i] == 1 {
-                assert_eq!(a, r, "{case}: argmax at flat position {i}");
-            }
-        }
+        assert_argmax_equal(out.logits.clone(), &io, &mask, case);
     }
 }
 
