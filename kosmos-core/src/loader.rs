@@ -1,7 +1,8 @@
-//! Weight loading: safetensors files into Burn modules, through burn-store's
-//! `SafetensorsStore` with `PyTorchToBurnAdapter` (transposes `nn.Linear` weights, renames
-//! LayerNorm `weight`/`bias` to `gamma`/`beta`) and a key-remap table, with typed errors that
-//! name the file, the tensor key and the shapes.
+//! Weight loading: safetensors files into Burn modules through burn-store's module `apply` with
+//! `PyTorchToBurnAdapter` (transposes `nn.Linear` weights, renames LayerNorm `weight`/`bias` to
+//! `gamma`/`beta`) and a key-remap table, with typed errors that name the file, the tensor key and
+//! the shapes. Only the header is parsed up front; tensors are read from disk in small batches as
+//! they are applied, so loading holds one copy of the weights.
 //!
 //! Every checkpoint layout the project reads is described by one [`KeyMap`] constant in this
 //! file, one commented rule per line, so the whole mapping from a reference's state-dict tree to
