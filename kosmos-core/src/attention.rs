@@ -232,6 +232,11 @@ impl<B: Backend> KvCache<B> {
         self.len == 0
     }
 
+    /// Batch rows held (`None` when nothing was appended yet).
+    pub fn batch(&self) -> Option<usize> {
+        self.keys.as_ref().map(|k| k.dims()[0])
+    }
+
     /// Allocated slots.
     pub fn capacity(&self) -> usize {
         self.keys.as_ref().map_or(0, |k| k.dims()[1])

@@ -275,6 +275,11 @@ impl<B: Backend> DecoderCache<B> {
         self.len() == 0
     }
 
+    /// Batch rows held (`None` before the first append).
+    pub fn batch(&self) -> Option<usize> {
+        self.layers.first().and_then(KvCache::batch)
+    }
+
     /// Reorder the batch of every layer (beam search).
     pub fn reorder(&mut self, indices: Tensor<B, 1, Int>) {
         for layer in self.layers.iter_mut() {

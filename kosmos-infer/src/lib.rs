@@ -2,4 +2,12 @@
 //!
 //! Inference front end of kosmos-burn: the `kosmos` command-line tool and the helpers it uses.
 
+pub mod annotate;
+pub mod commands;
+mod font;
+pub mod generate;
+#[cfg(feature = "hub")]
+pub mod hub;
 pub mod info;
+pub mod logits;
+pub mod pipeline;

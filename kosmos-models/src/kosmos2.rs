@@ -295,13 +295,16 @@ impl<B: Backend> Kosmos2<B> {
 
     /// Forward pass that also fills (or extends) a KV cache. With a non-empty cache the inputs are
     /// the new tokens only and `attention_mask` must cover cached plus new tokens.
+    ///
+    /// Positions follow transformers exactly: real tokens count from `cache.len() + 2`, pads get
+    /// position 1. With a cache built from a left-padded prompt, `cache.len()` counts the pads, so
+    /// a padded row's cached steps jump by its number of pads (transformers' behaviour, which
+    /// generation reproduces for parity; see the book's generation chapter).
     pub fn forward_cached(
         &self,
         input: &Kosmos2Input<B>,
         cache: Option<&mut DecoderCache<B>>,
     ) -> Result<Kosmos2Output<B>, Kosmos2Error> {
-        let [b, t] = input.input_ids.dims();
-        let past = cache.as_ref().map_or(0, |c| c.len());
         let image_embeds = match (&input.pixel_values, &input.image_embeds_position_mask) {
             (Some(pixels), Some(_)) => Some(self.image_embeds(pixels.clone())),
             (Some(_), None) => {
@@ -311,17 +314,47 @@ impl<B: Backend> Kosmos2<B> {
             }
             (None, _) => None,
         };
-        let text = &self.text_model.model;
-        let embeds = text.input_embeddings(
+        let hidden = self.text_hidden(
             &input.input_ids,
+            input.attention_mask.as_ref(),
             image_embeds.as_ref().zip(input.image_embeds_position_mask.as_ref()),
-            past,
+            cache,
         )?;
-        let mask = match &input.attention_mask {
+        Ok(Kosmos2Output {
+            logits: self.logits(hidden.clone()),
+            last_hidden_state: hidden,
+            image_embeds,
+        })
+    }
+
+    /// The text decoder's output `[batch, len, embed]` for token ids, with precomputed image
+    /// embeddings written in where their position mask is 1 (`image = (embeds, mask)`), extending
+    /// `cache` when given. `attention_mask` (`None` = all real) covers cached plus new tokens.
+    pub fn text_hidden(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        attention_mask: Option<&Tensor<B, 2, Int>>,
+        image: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
+        cache: Option<&mut DecoderCache<B>>,
+    ) -> Result<Tensor<B, 3>, Kosmos2Error> {
+        let [b, t] = input_ids.dims();
+        let past = cache.as_ref().map_or(0, |c| c.len());
+        if let Some(c) = cache.as_ref()
+            && !c.is_empty()
+            && c.batch() != Some(b)
+        {
+            return Err(Kosmos2Error::Input(format!(
+                "the cache holds {:?} rows, the input has {b}",
+                c.batch()
+            )));
+        }
+        let text = &self.text_model.model;
+        let embeds = text.input_embeddings(input_ids, image, past)?;
+        let mask = match attention_mask {
             Some(m) => {
                 if m.dims() != [b, past + t] {
                     return Err(Kosmos2Error::Input(format!(
-                        "attention_mask is {:?}, expected {:?}",
+                        "attention_mask is {:?}, expected {:?} (cached {past} + new {t})",
                         m.dims(),
                         [b, past + t]
                     )));
@@ -330,12 +363,24 @@ impl<B: Backend> Kosmos2<B> {
             }
             None => AttentionMask::causal(),
         };
-        let hidden = text.decoder.forward(embeds, &mask, cache);
-        Ok(Kosmos2Output {
-            logits: self.logits(hidden.clone()),
-            last_hidden_state: hidden,
-            image_embeds,
-        })
+        Ok(text.decoder.forward(embeds, &mask, cache))
+    }
+
+    /// Next-token logits `[batch, vocab]` at the last position of hidden states `[batch, len,
+    /// embed]` (the head runs on that position only, as generation needs).
+    pub fn last_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
+        let t = hidden.dims()[1];
+        self.logits(hidden.narrow(1, t - 1, 1)).squeeze_dim::<2>(1)
+    }
+
+    /// An empty KV cache sized for the text decoder.
+    pub fn new_cache(&self) -> DecoderCache<B> {
+        self.text_model.model.decoder.new_cache()
+    }
+
+    /// The padding id of the text model (its positions are 1, its embedding row is ignored).
+    pub fn pad_token_id(&self) -> u32 {
+        self.text_model.model.pad_token_id
     }
 }
 

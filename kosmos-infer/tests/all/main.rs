@@ -1,0 +1,8 @@
+//! Integration tests of kosmos-infer (one test binary for the crate).
+
+mod cli;
+mod generation;
+mod processors;
+
+/// The default test backend.
+pub type TB = burn::backend::Flex;
