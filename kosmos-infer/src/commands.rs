@@ -33,6 +33,28 @@ pub struct ModelArgs {
     /// Parameter precision.
     #[arg(long, value_enum, default_value_t = Precision::F32)]
     pub dtype: Precision,
+    /// Attention kernel: Burn's fused attention, or the explicit softmax(QKᵀ)V product.
+    #[arg(long, value_enum, default_value_t = AttentionKernel::Fused)]
+    pub attention: AttentionKernel,
+}
+
+/// Attention kernel choice of the command line.
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    /// Burn's fused attention module op (the default).
+    Fused,
+    /// Explicit scores, mask, softmax and product (transformers' eager attention).
+    Explicit,
+}
+
+impl AttentionKernel {
+    /// The model-side choice.
+    pub fn implementation(self) -> kosmos_core::AttentionImpl {
+        match self {
+            Self::Fused => kosmos_core::AttentionImpl::Fused,
+            Self::Explicit => kosmos_core::AttentionImpl::Explicit,
+        }
+    }
 }
 
 /// Parameter precision of a loaded model.
@@ -375,8 +397,9 @@ impl BackendTask for Run {
         let human = !job.output.json && std::io::stderr().is_terminal();
         let start = Instant::now();
         progress(human, &format!("loading {} ...", self.dir.display()));
-        let pipeline =
+        let mut pipeline =
             Kosmos2Pipeline::<B>::load(&self.dir, &device, job.model.dtype.dtype()).map_err(|e| e.to_string())?;
+        pipeline.model.set_attention_impl(job.model.attention.implementation());
         progress(human, &format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         let config = job.decode.apply(pipeline.generation.clone());
         let mut count = 0usize;
