@@ -177,16 +177,14 @@ impl<B: Backend> AttentionMask<B> {
             assert_eq!(pb, batch, "key padding mask has batch {pb}, attention has {batch}");
             p.clone().reshape([batch, 1, 1, keys])
         });
-        // Broadcasts are materialised (repeat, not stride-0 `expand` views): Burn 0.21's CUDA
-        // backend computed masked attention wrongly for a left-padded row of a batch with
-        // expanded masks (found on an H200; see the generation chapter of the book).
-        let causal = causal.map(|c| c.repeat_dim(0, batch));
-        let padding = padding.map(|p| p.repeat_dim(2, queries));
         match (causal, padding) {
             (None, None) => None,
-            (Some(c), None) => Some(c),
-            (None, Some(p)) => Some(p),
-            (Some(c), Some(p)) => Some(c.bool_or(p)),
+            (Some(c), None) => Some(c.expand([batch, 1, queries, keys])),
+            (None, Some(p)) => Some(p.expand([batch, 1, queries, keys])),
+            (Some(c), Some(p)) => Some(
+                c.expand([batch, 1, queries, keys])
+                    .bool_or(p.expand([batch, 1, queries, keys])),
+            ),
         }
     }
 }
@@ -370,18 +368,9 @@ pub fn scaled_dot_product<B: Backend>(
         AttentionImpl::Fused => {
             let [b, h, t, _] = q.dims();
             let s = k.dims()[2];
-            let mask = mask.map(|m| heads_mask(m, h, [b, h, t, s]));
+            let mask = mask.map(|m| m.expand([b, h, t, s]));
             fused_attention(q, k, v, mask, None, AttentionModuleOptions::default())
         }
-    }
-}
-
-/// A `[b, 1, t, s]` mask repeated over `h` heads (a real copy, not a stride-0 view).
-fn heads_mask<B: Backend>(mask: Tensor<B, 4, Bool>, h: usize, shape: [usize; 4]) -> Tensor<B, 4, Bool> {
-    if mask.dims() == shape {
-        mask
-    } else {
-        mask.repeat_dim(1, h)
     }
 }
 
@@ -399,7 +388,7 @@ pub fn explicit_attention<B: Backend>(
     let scores = match mask {
         Some(m) => {
             let min = mask_min(scores.dtype());
-            scores.mask_fill(heads_mask(m, h, [b, h, t, s]), min)
+            scores.mask_fill(m.expand([b, h, t, s]), min)
         }
         None => scores,
     };

@@ -149,7 +149,7 @@ pub fn write_image_embeds<B: Backend>(
         .reshape([b * latents, e])
         .select(0, index)
         .reshape([b, t, e]);
-    let where_image = mask.clone().equal_elem(1).reshape([b, t, 1]).repeat_dim(2, e);
+    let where_image = mask.clone().equal_elem(1).reshape([b, t, 1]).expand([b, t, e]);
     Ok(embeds.mask_where(where_image, gathered))
 }
 
