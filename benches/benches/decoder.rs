@@ -1,5 +1,5 @@
 //! Decoder-layer forward on the CPU backends: prefill of a 97-token prompt and one cached decode
-//! step after it. Run with `cargo bench -p kosmos-benches --bench decoder`.
+//! step after it (for the 512-wide layer also after 512 and 2,048 cached tokens). Run with `cargo bench -p kosmos-benches --bench decoder`.
 
 use burn::prelude::*;
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
@@ -21,22 +21,32 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
             })
         });
         let token = hidden::<B>(1, width, &device);
-        group.bench_function(format!("{name}/decode-step-after-{PROMPT_LEN}"), |b| {
-            b.iter_batched(
-                || {
-                    let mut cache = decoder.new_cache();
-                    decoder.forward(prompt.clone(), &AttentionMask::causal(), Some(&mut cache));
-                    B::sync(&device).unwrap();
-                    cache
-                },
-                |mut cache| {
-                    let out = decoder.forward(token.clone(), &AttentionMask::causal(), Some(&mut cache));
-                    B::sync(&device).unwrap();
-                    (out, cache)
-                },
-                BatchSize::PerIteration,
-            )
-        });
+        // One cached step after the prompt; for the medium shape also after longer caches (the
+        // step grows only with the attention over the cache).
+        let lengths: &[usize] = if width == 512 {
+            &[PROMPT_LEN, 512, 2048]
+        } else {
+            &[PROMPT_LEN]
+        };
+        for &len in lengths {
+            let prompt = hidden::<B>(len, width, &device);
+            group.bench_function(format!("{name}/decode-step-after-{len}"), |b| {
+                b.iter_batched(
+                    || {
+                        let mut cache = decoder.new_cache();
+                        decoder.forward(prompt.clone(), &AttentionMask::causal(), Some(&mut cache));
+                        B::sync(&device).unwrap();
+                        cache
+                    },
+                    |mut cache| {
+                        let out = decoder.forward(token.clone(), &AttentionMask::causal(), Some(&mut cache));
+                        B::sync(&device).unwrap();
+                        (out, cache)
+                    },
+                    BatchSize::PerIteration,
+                )
+            });
+        }
     }
     group.finish();
 }

@@ -25,7 +25,7 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let picked = log_probs
         .gather(1, safe_targets.reshape([b * (t - 1), 1]))
         .reshape([b * (t - 1)]);
-    let weights = counted.float();
+    let weights = counted.float().cast(picked.dtype());
     let total = weights.clone().sum().clamp_min(1.0);
     (picked * weights).sum().neg() / total
 }

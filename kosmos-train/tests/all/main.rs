@@ -1,0 +1,14 @@
+//! Integration tests of kosmos-train (one test binary for the crate).
+
+mod collate;
+mod common;
+mod config;
+mod errors;
+mod grit_parity;
+mod packing;
+mod sampler;
+mod step_parity;
+mod tar;
+
+/// The default test backend.
+pub type TB = burn::backend::Flex;
