@@ -18,7 +18,7 @@ dropout 0 - checked - and train() mode); its weights are the parameters before s
 runs the batch `greedy_batch_left` of fixtures/generate/io.safetensors (2 rows, row 0 left padded by 14); step 2 runs
 `greedy_processors_batch_left` with its rows swapped (row 1 left padded by 2) on the parameters after step 1. Labels
 are input_ids with -100 at padding, at the image slots (image_embeds_position_mask == 1), at each row's first real
-token (`<s>`) and at the extra positions listed in LABEL_RULES. Each step: outputs = model(..., labels=labels);
+token (`<s>`) and at the extra positions of each step in STEPS. Each step: outputs = model(..., labels=labels);
 outputs.loss.backward(); optimizer.step() with ONE torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98),
 eps=1e-6, weight_decay=0.05) kept across both steps (so step 2 exercises the bias corrections at t=2).
 
@@ -552,7 +552,8 @@ def main():
             "step{s}.labels": "i64 [2, 29] (aligned with input_ids; -100 = not counted)",
             "step{s}.loss": "f32 [1], outputs.loss of the step's forward (step 2: on the parameters after step 1)",
             "step1.grad.<named>": "f32, torch layout, the stored rows: the gradient of step 1's loss",
-            "step{s}.param.<named>": "f32, torch layout, the stored rows: the parameter after optimizer.step() of step s",
+            "step{s}.param.<named>": ("f32, torch layout, the stored rows: the parameter after optimizer.step() of "
+                                      "step s"),
             "ref2.loss": "f32 [1], outputs.loss of step 2 from the reference state (see the docstring)",
             "ref2.grad.<named>": "f32, torch layout, the stored rows: its gradient",
             "ref2.param.<named>": "f32, torch layout, the stored rows: the parameter after that step 2",
