@@ -644,11 +644,16 @@ struct Hypothesis {
     finished: bool,
 }
 
-/// Indices of the `k` largest values, in descending order (ties: lower index first).
+/// Indices of the `k` largest values, in descending order (ties: lower index first). Partitions
+/// first, so a step over `beams x vocab` candidates sorts only the `k` kept.
 fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
+    let order = |a: &usize, b: &usize| values[*b].total_cmp(&values[*a]).then(a.cmp(b));
     let mut idx: Vec<usize> = (0..values.len()).collect();
-    idx.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    idx.truncate(k);
+    if k < idx.len() {
+        idx.select_nth_unstable_by(k, order);
+        idx.truncate(k);
+    }
+    idx.sort_by(order);
     idx
 }
 
@@ -885,6 +890,14 @@ mod tests {
             ..GenerationConfig::default()
         };
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn top_indices_keep_the_largest_in_order() {
+        let v = [0.5, 2.0, -1.0, 2.0, 3.0, 0.0];
+        assert_eq!(top_indices(&v, 3), vec![4, 1, 3]);
+        assert_eq!(top_indices(&v, 0), Vec::<usize>::new());
+        assert_eq!(top_indices(&v, 10), vec![4, 1, 3, 0, 5, 2]);
     }
 
     #[test]
