@@ -265,7 +265,9 @@ pub fn load_safetensors_files<B: Backend, M: ModuleSnapshot<B>, P: AsRef<Path>>(
 }
 
 /// Cast every float parameter of `module` to `dtype` (checkpoints stored as f16/bf16 load in
-/// their stored dtype; this brings them to the dtype the model runs in).
+/// their stored dtype; this brings them to the dtype the model runs in). Cast parameters stay
+/// trainable leaves on autodiff backends (a plain cast would make them graph nodes without
+/// gradients).
 pub fn cast_floats<B: Backend, M: Module<B>>(module: M, dtype: burn::tensor::DType) -> M {
     struct Cast(burn::tensor::DType);
     impl<B: Backend> burn::module::ModuleMapper<B> for Cast {
@@ -274,7 +276,14 @@ pub fn cast_floats<B: Backend, M: Module<B>>(module: M, dtype: burn::tensor::DTy
             param: burn::module::Param<Tensor<B, D>>,
         ) -> burn::module::Param<Tensor<B, D>> {
             let dtype = self.0;
-            param.map(|t| if t.dtype() == dtype { t } else { t.cast(dtype) })
+            param.map(|t| {
+                if t.dtype() == dtype {
+                    return t;
+                }
+                let trainable = t.is_require_grad();
+                let cast = t.cast(dtype).detach();
+                if trainable { cast.require_grad() } else { cast }
+            })
         }
     }
     module.map(&mut Cast(dtype))

@@ -1,5 +1,6 @@
 //! Integration tests of kosmos-train (one test binary for the crate).
 
+mod cast;
 mod collate;
 mod common;
 mod config;
