@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 use kosmos_core::DecoderCache;
-use kosmos_models::{Kosmos2, Kosmos2Error, Kosmos2Input};
+use kosmos_models::{Kosmos2, Kosmos2Error, Kosmos2Input, int_rows};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
@@ -383,14 +383,16 @@ struct Runner<'m, B: Backend> {
     left_pads: Vec<usize>,
 }
 
-fn int_tensor<B: Backend>(rows: &[Vec<i64>], device: &Device<B>) -> Tensor<B, 2, Int> {
+/// `[rows, len]` int tensor from host rows.
+pub(crate) fn int_tensor<B: Backend>(rows: &[Vec<i64>], device: &Device<B>) -> Tensor<B, 2, Int> {
     let b = rows.len();
     let t = rows.first().map_or(0, Vec::len);
     let flat: Vec<i64> = rows.iter().flatten().copied().collect();
     Tensor::from_data(TensorData::new(flat, [b, t]), device)
 }
 
-fn id_rows(rows: &[Vec<u32>]) -> Vec<Vec<i64>> {
+/// Token-id rows widened to `i64`.
+pub(crate) fn id_rows(rows: &[Vec<u32>]) -> Vec<Vec<i64>> {
     rows.iter().map(|r| r.iter().map(|&v| v as i64).collect()).collect()
 }
 
@@ -400,12 +402,6 @@ fn host_rows<B: Backend>(logits: Tensor<B, 2>) -> Vec<Vec<f32>> {
     data.chunks(v).map(<[f32]>::to_vec).collect()
 }
 
-fn int_host<B: Backend>(t: &Tensor<B, 2, Int>) -> Vec<Vec<i64>> {
-    let [_, len] = t.dims();
-    let v = t.to_data().convert::<i64>().to_vec::<i64>().expect("int data");
-    v.chunks(len.max(1)).map(<[i64]>::to_vec).collect()
-}
-
 impl<'m, B: Backend> Runner<'m, B> {
     fn prefill(&mut self, input: &Kosmos2Input<B>, ids: &[Vec<u32>]) -> Result<Vec<Vec<f32>>, GenerateError> {
         if let Some(pixels) = &input.pixel_values {
@@ -413,7 +409,7 @@ impl<'m, B: Backend> Runner<'m, B> {
                 .image_embeds_position_mask
                 .as_ref()
                 .ok_or_else(|| Kosmos2Error::Input("pixel_values given without image_embeds_position_mask".into()))?;
-            self.image = Some((self.model.image_embeds(pixels.clone()), int_host(mask)));
+            self.image = Some((self.model.image_embeds(pixels.clone()), int_rows(mask)));
         }
         self.run(ids)
     }
@@ -492,7 +488,7 @@ pub fn generate<B: Backend>(
     if b == 0 || t == 0 {
         return Err(GenerateError::Config("the prompt batch is empty".into()));
     }
-    let ids: Vec<Vec<u32>> = int_host(&input.input_ids)
+    let ids: Vec<Vec<u32>> = int_rows(&input.input_ids)
         .into_iter()
         .map(|r| r.into_iter().map(|v| v as u32).collect())
         .collect();
@@ -505,7 +501,7 @@ pub fn generate<B: Backend>(
                     [b, t]
                 )));
             }
-            int_host(m)
+            int_rows(m)
         }
         None => vec![vec![1; t]; b],
     };

@@ -12,13 +12,15 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use burn::prelude::*;
-use burn::tensor::{DType, TensorData};
+use burn::tensor::DType;
 use kosmos_models::grounding::{Entity, caption_after_image, clean_text_and_extract_entities};
 use kosmos_models::processor::{EncodeOptions, Kosmos2Processor, PaddingSide, ProcessorError, Prompt};
 use kosmos_models::{Kosmos2, Kosmos2Config, Kosmos2Error, Kosmos2Input};
 use kosmos_vision::{ImageError, ImageProcessor, ImageProcessorConfig, RgbImage};
 
-use crate::generate::{GenerateError, GenerationConfig, GenerationOutput, Timings, TokenEvent, generate};
+use crate::generate::{
+    GenerateError, GenerationConfig, GenerationOutput, Timings, TokenEvent, generate, id_rows, int_tensor,
+};
 
 /// Anything that can go wrong between files and answers; each names the file or input.
 #[derive(Debug, thiserror::Error)]
@@ -197,12 +199,7 @@ impl<B: Backend> Kosmos2Pipeline<B> {
         }
         .within_model(&self.config);
         let enc = self.processor.encode(&prompts, &options)?;
-        let b = enc.input_ids.len();
-        let t = enc.input_ids[0].len();
-        let int = |rows: &[Vec<u32>]| {
-            let flat: Vec<i64> = rows.iter().flatten().map(|&v| v as i64).collect();
-            Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [b, t]), &self.device)
-        };
+        let int = |rows: &[Vec<u32>]| int_tensor::<B>(&id_rows(rows), &self.device);
         let pixel_values = if with_image > 0 {
             let imgs: Vec<RgbImage> = requests.iter().filter_map(|r| r.image.clone()).collect();
             Some(self.images.batch::<B>(&imgs, &self.device)?)

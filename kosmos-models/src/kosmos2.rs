@@ -153,8 +153,8 @@ pub fn write_image_embeds<B: Backend>(
     Ok(embeds.mask_where(where_image, gathered))
 }
 
-/// Rows of an int tensor on the host.
-pub(crate) fn int_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Vec<Vec<i64>> {
+/// Rows of an int tensor `[rows, len]` on the host.
+pub fn int_rows<B: Backend>(t: &Tensor<B, 2, Int>) -> Vec<Vec<i64>> {
     let [_, len] = t.dims();
     let v = t.to_data().convert::<i64>().to_vec::<i64>().expect("int data");
     v.chunks(len.max(1)).map(|r| r.to_vec()).collect()

@@ -19,4 +19,4 @@ pub mod loss;
 pub mod processor;
 
 pub use config::{ConfigError, Kosmos2Config, Kosmos2TextConfig, Kosmos2VisionConfig};
-pub use kosmos2::{Kosmos2, Kosmos2Error, Kosmos2Input, Kosmos2Output};
+pub use kosmos2::{Kosmos2, Kosmos2Error, Kosmos2Input, Kosmos2Output, int_rows};
