@@ -1,6 +1,7 @@
 //! The KV cache during decoding: appending a sequence one token at a time, per token, at growing
-//! lengths (flat: storage grows by doubling, never re-concatenated per token). The decode
-//! step at growing cache lengths is in the `decoder` bench. Run with
+//! lengths (flat: tokens are written into 64-slot chunks that merge like a binary counter, never
+//! re-concatenated per token), and the backend primitive a flat preallocated buffer would rely
+//! on instead. The decode step at growing cache lengths is in the `decoder` bench. Run with
 //! `cargo bench -p kosmos-benches --bench kv_cache`.
 
 use burn::prelude::*;
@@ -16,9 +17,9 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
     group.sample_size(10);
     let (heads, head_dim) = (8, 64);
     let new = |len| Tensor::<B, 4>::random([1, len, heads, head_dim], Distribution::Normal(0.0, 1.0), &device);
-    // Appending a whole sequence one token at a time from an empty cache: with storage that
-    // doubles, the time per token stays flat as the sequence grows (amortised O(1) copies);
-    // re-concatenating per token would make it grow linearly.
+    // Appending a whole sequence one token at a time from an empty cache: each write touches one
+    // 64-slot chunk, so the time per token stays flat as the sequence grows; re-concatenating
+    // per token (or a backend copying a whole flat buffer per write) would make it grow linearly.
     let token = new(1);
     for len in LENGTHS {
         group.throughput(Throughput::Elements(len as u64));
@@ -33,8 +34,9 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
             })
         });
     }
-    // The backend primitive the cache relies on: writing one token into a uniquely owned
-    // preallocated buffer of `len` slots. In-place backends take constant time here.
+    // What a flat preallocated buffer would rely on: writing one token into a uniquely owned
+    // buffer of `len` slots. Backends that write in place take constant time here; Burn 0.21's
+    // flex copies the whole buffer (linear in `len`), which is why the cache uses chunks.
     for len in LENGTHS {
         group.throughput(Throughput::Elements(1));
         group.bench_function(format!("slice-assign-one-into-{len}-slots"), |b| {

@@ -12,6 +12,10 @@
 //! * [`AttentionImpl::Fused`]: Burn's `burn::tensor::module::attention`, which each backend may
 //!   implement with a flash kernel. Fully masked rows come out as zeros there; they are never
 //!   read (they are left-padding rows).
+//!
+//! The kernel choice applies to uncached calls and to the prefill of an empty cache. Once a
+//! [`KvCache`] holds tokens, a step attends over the cache's segments in place with
+//! [`segmented_attention`] (the explicit computation, split by segment), whatever the kernel.
 
 use burn::config::Config;
 use burn::module::Module;
@@ -189,18 +193,72 @@ impl<B: Backend> AttentionMask<B> {
     }
 }
 
-/// Append-only key/value cache of one attention layer.
+/// Append-only key/value cache of one attention layer, stored in segments.
 ///
-/// Stored token-major, `[batch, capacity, heads, head_dim]`, so that appending writes contiguous
-/// rows; read back as `[batch, heads, len, head_dim]` views. Storage grows geometrically (doubling,
-/// at least [`KvCache::CHUNK`] slots), so appending is amortised O(1) in copies; the live part is
-/// `0..len`. Keys are stored *before* the position treatment (XPOS is re-applied over the whole
-/// window each step, as torchscale does).
+/// Tokens are kept token-major (`[batch, slots, heads, head_dim]`) in a short list of segments:
+///
+/// * new tokens are written into an open *chunk* of [`KvCache::CHUNK`] slots (a bulk append of at
+///   least `CHUNK` tokens, such as a prompt prefill, becomes a sealed segment of its own);
+/// * when a chunk fills up it is sealed, and the sealed segments at the end of the list are
+///   concatenated pairwise while the older one is not longer than the newer one (a binary
+///   counter: segment lengths roughly halve along the list).
+///
+/// So a write never touches more than one chunk, whatever the cache length: this matters on
+/// backends whose `slice_assign` copies the whole destination (Burn 0.21's `flex` does, see the
+/// Generation chapter), where a flat buffer makes each append O(length). Over a sequence of `n`
+/// tokens each token is copied by merges at most `log2(n / CHUNK)` times (5 times at 2,048
+/// tokens), and there are at most `log2(n / CHUNK) + 2` segments. Attention reads the segments
+/// in place ([`MultiHeadAttention::forward`] computes the scores per segment, one softmax over
+/// all of them, and sums the per-segment products with the values), so nothing is
+/// re-concatenated per token. Keys are stored *before* the position treatment (XPOS is
+/// re-applied over the whole window each step, as torchscale does).
 #[derive(Clone, Debug)]
 pub struct KvCache<B: Backend> {
-    keys: Option<Tensor<B, 4>>,
-    values: Option<Tensor<B, 4>>,
+    segments: Vec<KvSegment<B>>,
     len: usize,
+}
+
+/// One segment of a [`KvCache`]: `len` live rows of `keys`/`values` (`[batch, slots, heads,
+/// head_dim]`); a chunk has free slots after them, a sealed segment has none.
+#[derive(Clone, Debug)]
+struct KvSegment<B: Backend> {
+    keys: Tensor<B, 4>,
+    values: Tensor<B, 4>,
+    len: usize,
+}
+
+impl<B: Backend> KvSegment<B> {
+    fn slots(&self) -> usize {
+        self.keys.dims()[1]
+    }
+
+    fn is_full(&self) -> bool {
+        self.len == self.slots()
+    }
+
+    /// The live rows as `[batch, heads, len, head_dim]` views.
+    fn live(&self) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let take = |t: &Tensor<B, 4>| {
+            let t = if self.is_full() {
+                t.clone()
+            } else {
+                t.clone().narrow(1, 0, self.len)
+            };
+            t.swap_dims(1, 2)
+        };
+        (take(&self.keys), take(&self.values))
+    }
+}
+
+/// The live keys and values of one cache segment, as read by attention.
+#[derive(Clone, Debug)]
+pub struct KvSegmentView<B: Backend> {
+    /// Index of the segment's first token in the cached sequence.
+    pub start: usize,
+    /// Keys, `[batch, heads, len, head_dim]`.
+    pub keys: Tensor<B, 4>,
+    /// Values, `[batch, heads, len, head_dim]`.
+    pub values: Tensor<B, 4>,
 }
 
 impl<B: Backend> Default for KvCache<B> {
@@ -210,14 +268,13 @@ impl<B: Backend> Default for KvCache<B> {
 }
 
 impl<B: Backend> KvCache<B> {
-    /// Minimum number of slots allocated at a time.
+    /// Slots of a chunk: single-token appends are written into chunks of this size.
     pub const CHUNK: usize = 64;
 
     /// An empty cache.
     pub fn new() -> Self {
         Self {
-            keys: None,
-            values: None,
+            segments: Vec::new(),
             len: 0,
         }
     }
@@ -234,58 +291,112 @@ impl<B: Backend> KvCache<B> {
 
     /// Batch rows held (`None` when nothing was appended yet).
     pub fn batch(&self) -> Option<usize> {
-        self.keys.as_ref().map(|k| k.dims()[0])
+        self.segments.first().map(|s| s.keys.dims()[0])
     }
 
-    /// Allocated slots.
+    /// Allocated slots (live plus free slots of the open chunk).
     pub fn capacity(&self) -> usize {
-        self.keys.as_ref().map_or(0, |k| k.dims()[1])
+        self.segments.iter().map(KvSegment::slots).sum()
     }
 
-    fn grow(storage: Option<Tensor<B, 4>>, like: &Tensor<B, 4>, len: usize, needed: usize) -> Tensor<B, 4> {
-        let [b, _, h, d] = like.dims();
-        let cap = storage.as_ref().map_or(0, |s| s.dims()[1]);
-        match storage {
-            Some(s) if needed <= cap => s,
-            storage => {
-                let new_cap = needed.max(cap * 2).max(Self::CHUNK);
-                let fresh = Tensor::<B, 4>::zeros([b, new_cap, h, d], (&like.device(), like.dtype()));
-                match storage {
-                    Some(old) if len > 0 => fresh.slice_assign([0..b, 0..len, 0..h, 0..d], old.narrow(1, 0, len)),
-                    _ => fresh,
-                }
+    /// Number of segments the cache is stored in.
+    pub fn num_segments(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Append keys and values of `new` tokens, laid out `[batch, new, heads, head_dim]`.
+    pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) {
+        let [b, t, h, d] = keys.dims();
+        assert_eq!(values.dims(), [b, t, h, d], "keys and values of different shapes");
+        if let Some(batch) = self.batch() {
+            assert_eq!(batch, b, "appending batch {b} to a cache of batch {batch}");
+        }
+        let mut done = 0;
+        // Fill the open chunk first.
+        if let Some(last) = self.segments.last_mut().filter(|s| !s.is_full()) {
+            let n = (last.slots() - last.len).min(t);
+            let at = last.len..last.len + n;
+            last.keys = last
+                .keys
+                .clone()
+                .slice_assign([0..b, at.clone(), 0..h, 0..d], keys.clone().narrow(1, 0, n));
+            last.values = last
+                .values
+                .clone()
+                .slice_assign([0..b, at, 0..h, 0..d], values.clone().narrow(1, 0, n));
+            last.len += n;
+            done = n;
+            self.merge();
+        }
+        let rest = t - done;
+        if rest >= Self::CHUNK {
+            // A bulk append (a prompt): one sealed segment.
+            self.segments.push(KvSegment {
+                keys: keys.narrow(1, done, rest),
+                values: values.narrow(1, done, rest),
+                len: rest,
+            });
+            self.merge();
+        } else if rest > 0 {
+            let (device, dtype) = (keys.device(), keys.dtype());
+            let fresh = || Tensor::<B, 4>::zeros([b, Self::CHUNK, h, d], (&device, dtype));
+            let at = [0..b, 0..rest, 0..h, 0..d];
+            self.segments.push(KvSegment {
+                keys: fresh().slice_assign(at.clone(), keys.narrow(1, done, rest)),
+                values: fresh().slice_assign(at, values.narrow(1, done, rest)),
+                len: rest,
+            });
+        }
+        self.len += t;
+    }
+
+    /// Concatenate the two newest segments while both are full and the older is not longer.
+    fn merge(&mut self) {
+        while let [.., older, newer] = self.segments.as_slice() {
+            if !(older.is_full() && newer.is_full() && older.len <= newer.len) {
+                break;
             }
+            let newer = self.segments.pop().expect("two segments");
+            let older = self.segments.pop().expect("two segments");
+            self.segments.push(KvSegment {
+                keys: Tensor::cat(vec![older.keys, newer.keys], 1),
+                values: Tensor::cat(vec![older.values, newer.values], 1),
+                len: older.len + newer.len,
+            });
         }
     }
 
-    /// Append keys and values of `new` tokens, laid out `[batch, new, heads, head_dim]`; returns the
-    /// live keys and values as `[batch, heads, len, head_dim]`.
-    pub fn append(&mut self, keys: Tensor<B, 4>, values: Tensor<B, 4>) -> (Tensor<B, 4>, Tensor<B, 4>) {
-        let [b, t, h, d] = keys.dims();
-        let end = self.len + t;
-        let k = Self::grow(self.keys.take(), &keys, self.len, end);
-        let v = Self::grow(self.values.take(), &values, self.len, end);
-        self.keys = Some(k.slice_assign([0..b, self.len..end, 0..h, 0..d], keys));
-        self.values = Some(v.slice_assign([0..b, self.len..end, 0..h, 0..d], values));
-        self.len = end;
-        self.get().expect("just appended")
+    /// The live keys and values segment by segment (views, no copy), in sequence order.
+    pub fn segments(&self) -> Vec<KvSegmentView<B>> {
+        let mut start = 0;
+        self.segments
+            .iter()
+            .map(|s| {
+                let (keys, values) = s.live();
+                let view = KvSegmentView { start, keys, values };
+                start += s.len;
+                view
+            })
+            .collect()
     }
 
-    /// The live keys and values, `[batch, heads, len, head_dim]`, or `None` when empty.
+    /// All live keys and values concatenated, `[batch, heads, len, head_dim]`, or `None` when
+    /// empty. This copies; attention reads [`KvCache::segments`] instead.
     pub fn get(&self) -> Option<(Tensor<B, 4>, Tensor<B, 4>)> {
-        match (&self.keys, &self.values) {
-            (Some(k), Some(v)) if self.len > 0 => Some((
-                k.clone().narrow(1, 0, self.len).swap_dims(1, 2),
-                v.clone().narrow(1, 0, self.len).swap_dims(1, 2),
-            )),
-            _ => None,
+        let (keys, values): (Vec<_>, Vec<_>) = self.segments().into_iter().map(|s| (s.keys, s.values)).unzip();
+        match keys.len() {
+            0 => None,
+            1 => Some((keys.into_iter().next()?, values.into_iter().next()?)),
+            _ => Some((Tensor::cat(keys, 2), Tensor::cat(values, 2))),
         }
     }
 
     /// Reorder the batch (beam search): row `i` of the result is row `indices[i]` now.
     pub fn reorder(&mut self, indices: Tensor<B, 1, Int>) {
-        self.keys = self.keys.take().map(|k| k.select(0, indices.clone()));
-        self.values = self.values.take().map(|v| v.select(0, indices));
+        for s in self.segments.iter_mut() {
+            s.keys = s.keys.clone().select(0, indices.clone());
+            s.values = s.values.clone().select(0, indices.clone());
+        }
     }
 }
 
@@ -334,17 +445,43 @@ impl<B: Backend> MultiHeadAttention<B> {
         let q = self.split_heads(self.q_proj.forward(query)).swap_dims(1, 2);
         let k = self.split_heads(self.k_proj.forward(kv_in.clone()));
         let v = self.split_heads(self.v_proj.forward(kv_in));
-        let (k, v) = match cache {
-            Some(cache) => cache.append(k, v),
-            None => (k.swap_dims(1, 2), v.swap_dims(1, 2)),
+        let context = match cache {
+            // Decoding after a prefill: attend over the cached segments in place.
+            Some(cache) if !cache.is_empty() => {
+                cache.append(k, v);
+                let s = cache.len();
+                let q = match &self.xpos {
+                    Some(xpos) => xpos.apply(q, s - t, false),
+                    None => q,
+                };
+                let mask = mask.to_bool(b, t, s, &q.device());
+                let segments = cache
+                    .segments()
+                    .into_iter()
+                    .map(|seg| KvSegmentView {
+                        keys: match &self.xpos {
+                            Some(xpos) => xpos.apply_in_window(seg.keys, seg.start, s, true),
+                            None => seg.keys,
+                        },
+                        ..seg
+                    })
+                    .collect();
+                segmented_attention(q, segments, mask)
+            }
+            cache => {
+                if let Some(cache) = cache {
+                    cache.append(k.clone(), v.clone());
+                }
+                let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
+                let s = k.dims()[2];
+                let (q, k) = match &self.xpos {
+                    Some(xpos) => (xpos.apply(q, s - t, false), xpos.apply(k, 0, true)),
+                    None => (q, k),
+                };
+                let mask = mask.to_bool(b, t, s, &q.device());
+                scaled_dot_product(q, k, v, mask, self.implementation)
+            }
         };
-        let s = k.dims()[2];
-        let (q, k) = match &self.xpos {
-            Some(xpos) => (xpos.apply(q, s - t, false), xpos.apply(k, 0, true)),
-            None => (q, k),
-        };
-        let mask = mask.to_bool(b, t, s, &q.device());
-        let context = scaled_dot_product(q, k, v, mask, self.implementation);
         let context = context.swap_dims(1, 2).reshape([b, t, e]);
         let context = match &self.inner_attn_ln {
             Some(ln) => ln.forward(context),
@@ -393,4 +530,43 @@ pub fn explicit_attention<B: Backend>(
         None => scores,
     };
     softmax(scores, 3).matmul(v)
+}
+
+/// [`explicit_attention`] over keys and values held in segments (a [`KvCache`]): the scores of
+/// each segment, one softmax over all of them (masked as `explicit_attention` masks), and the sum
+/// of the per-segment products with the values. `q: [b,h,t,d]`, segment keys and values
+/// `[b,h,len_i,d]` in sequence order, mask `[b,1,t,sum len_i]`. Returns `[b,h,t,d]`.
+pub fn segmented_attention<B: Backend>(
+    q: Tensor<B, 4>,
+    segments: Vec<KvSegmentView<B>>,
+    mask: Option<Tensor<B, 4, Bool>>,
+) -> Tensor<B, 4> {
+    let [b, h, t, d] = q.dims();
+    if segments.len() == 1 {
+        let seg = segments.into_iter().next().expect("one segment");
+        return explicit_attention(q, seg.keys, seg.values, mask);
+    }
+    let scale = (d as f64).powf(-0.5);
+    let scores: Vec<_> = segments
+        .iter()
+        .map(|seg| q.clone().matmul(seg.keys.clone().swap_dims(2, 3)))
+        .collect();
+    let scores = Tensor::cat(scores, 3).mul_scalar(scale);
+    let s = scores.dims()[3];
+    let scores = match mask {
+        Some(m) => {
+            let min = mask_min(scores.dtype());
+            scores.mask_fill(m.expand([b, h, t, s]), min)
+        }
+        None => scores,
+    };
+    let probs = softmax(scores, 3);
+    segments
+        .into_iter()
+        .map(|seg| {
+            let len = seg.values.dims()[2];
+            probs.clone().narrow(3, seg.start, len).matmul(seg.values)
+        })
+        .reduce(|acc, part| acc + part)
+        .expect("at least one segment")
 }

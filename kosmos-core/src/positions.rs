@@ -60,11 +60,11 @@ impl Xpos {
             .collect()
     }
 
-    /// Host-side `(cos * s, sin * s)` tables, duplicated per pair, for the last `length` rows of
-    /// a window of `length + offset` positions. Shape of each: `length * head_dim`, row-major.
-    fn tables(&self, length: usize, offset: usize, downscale: bool) -> (Vec<f32>, Vec<f32>) {
+    /// Host-side `(cos * s, sin * s)` tables, duplicated per pair, for rows
+    /// `offset..offset + length` of a window of `total` positions. Shape of each:
+    /// `length * head_dim`, row-major.
+    fn tables(&self, length: usize, offset: usize, total: usize, downscale: bool) -> (Vec<f32>, Vec<f32>) {
         let half = self.head_dim / 2;
-        let total = length + offset;
         // Python's `-(T) // 2` floors towards negative infinity.
         let min_pos = -((total as i64 + 1) / 2);
         let zeta = self.zeta();
@@ -72,7 +72,7 @@ impl Xpos {
         let inv_freq: Vec<f32> = (0..half).map(|j| 1.0 / 10000f32.powf(j as f32 / half as f32)).collect();
         let mut cos = Vec::with_capacity(length * self.head_dim);
         let mut sin = Vec::with_capacity(length * self.head_dim);
-        for row in offset..total {
+        for row in offset..offset + length {
             // Centred position for the decay, uncentred index for the rotation angle.
             let n = (min_pos + row as i64) as f32 / self.scale_base;
             let m = row as f32;
@@ -100,11 +100,30 @@ impl Xpos {
     /// key cache is treated with `offset = 0` and the new queries with
     /// `offset = cache_length - new_length` so both share one window, as torchscale does.
     pub fn apply<B: Backend>(&self, x: Tensor<B, 4>, offset: usize, downscale: bool) -> Tensor<B, 4> {
+        let t = x.dims()[2];
+        self.apply_in_window(x, offset, offset + t, downscale)
+    }
+
+    /// Apply XPOS to `x` (`[batch, heads, length, head_dim]`) holding rows
+    /// `offset..offset + length` of a window of `total` positions (the decay is centred on the
+    /// window). Used for the segments of a key cache, each treated as part of the whole window.
+    pub fn apply_in_window<B: Backend>(
+        &self,
+        x: Tensor<B, 4>,
+        offset: usize,
+        total: usize,
+        downscale: bool,
+    ) -> Tensor<B, 4> {
         let [b, h, t, d] = x.dims();
         assert_eq!(d, self.head_dim, "XPOS head_dim mismatch");
+        assert!(
+            offset + t <= total,
+            "XPOS rows {offset}..{} outside a window of {total}",
+            offset + t
+        );
         let device = x.device();
         let dtype = x.dtype();
-        let (cos, sin) = self.tables(t, offset, downscale);
+        let (cos, sin) = self.tables(t, offset, total, downscale);
         let cos = Tensor::<B, 2>::from_data(TensorData::new(cos, [t, d]), (&device, dtype)).reshape([1, 1, t, d]);
         let sin = Tensor::<B, 2>::from_data(TensorData::new(sin, [t, d]), (&device, dtype)).reshape([1, 1, t, d]);
         let rotated = rotate_every_two(x.clone(), [b, h, t, d]);
@@ -231,8 +250,8 @@ mod tests {
     fn python_floor_division_of_window_start() {
         let x = XposConfig::new(4).init();
         // total 7 -> min_pos = -4 (Python: -7 // 2 == -4); total 6 -> -3.
-        let (c7, _) = x.tables(7, 0, false);
-        let (c6, _) = x.tables(6, 0, false);
+        let (c7, _) = x.tables(7, 0, 7, false);
+        let (c6, _) = x.tables(6, 0, 6, false);
         let zeta0 = x.zeta()[0];
         assert!((c7[0] - zeta0.powf(-4.0 / 512.0)).abs() < 1e-7);
         assert!((c6[0] - zeta0.powf(-3.0 / 512.0)).abs() < 1e-7);
@@ -241,10 +260,21 @@ mod tests {
     #[test]
     fn offset_takes_the_last_rows_of_the_window() {
         let x = XposConfig::new(8).init();
-        let (full_c, full_s) = x.tables(5, 0, true);
-        let (last_c, last_s) = x.tables(1, 4, true);
+        let (full_c, full_s) = x.tables(5, 0, 5, true);
+        let (last_c, last_s) = x.tables(1, 4, 5, true);
         assert_eq!(&full_c[4 * 8..], &last_c[..]);
         assert_eq!(&full_s[4 * 8..], &last_s[..]);
+    }
+
+    #[test]
+    fn window_pieces_equal_the_whole_window() {
+        let x = XposConfig::new(8).init();
+        let (full_c, full_s) = x.tables(9, 0, 9, true);
+        for (offset, length) in [(0, 3), (3, 4), (7, 2)] {
+            let (c, s) = x.tables(length, offset, 9, true);
+            assert_eq!(&full_c[offset * 8..(offset + length) * 8], &c[..]);
+            assert_eq!(&full_s[offset * 8..(offset + length) * 8], &s[..]);
+        }
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! random stream (ChaCha8), not PyTorch's.
 //!
 //! Positions: the prompt is run once (prefill) and each new token then extends the KV cache,
-//! whose appends are amortised O(1) (see [`kosmos_core::KvCache`]). Like transformers, a cached
+//! whose appends touch one 64-slot chunk (see [`kosmos_core::KvCache`]). Like transformers, a cached
 //! step places its token at `cache length + 2`; the cache length counts a left-padded row's pads,
 //! so on padded rows the positions jump by the number of pads after the prompt. This is
 //! transformers' behaviour and is reproduced for parity. With `use_cache = false` every step

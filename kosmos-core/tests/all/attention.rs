@@ -96,14 +96,116 @@ fn kv_cache_grows_in_chunks_and_keeps_contents() {
     for step in 0..70 {
         let k = Tensor::<TB, 4>::full([1, 1, 2, 4], step as f32, &device);
         all.push(k.clone());
-        let (keys, values) = cache.append(k.clone(), k);
-        assert_eq!(keys.dims(), [1, 2, step + 1, 4]);
-        assert_eq!(values.dims(), [1, 2, step + 1, 4]);
+        cache.append(k.clone(), k);
+        assert_eq!(cache.len(), step + 1);
     }
-    // 64-slot chunk, then doubled once: two allocations for 70 appends.
+    // One full 64-slot chunk and an open one holding 6 tokens.
     assert_eq!(cache.capacity(), 128);
+    assert_eq!(cache.num_segments(), 2);
+    let (keys, values) = cache.get().unwrap();
+    let expected = Tensor::cat(all, 1).swap_dims(1, 2).into_data();
+    assert_eq!(keys.into_data(), expected);
+    assert_eq!(values.into_data(), expected);
+}
+
+/// A prompt becomes one sealed segment; single-token appends fill 64-slot chunks; full segments
+/// merge while the older is not longer than the newer (a binary counter), and the contents and
+/// segment starts stay those of the sequence.
+#[test]
+fn kv_cache_merges_segments_like_a_binary_counter() {
+    let device = Default::default();
+    let token = |i: usize| Tensor::<TB, 4>::full([2, 1, 1, 3], i as f32, &device);
+    let mut cache = KvCache::<TB>::new();
+    let prompt = Tensor::cat((0..100).map(token).collect(), 1);
+    cache.append(prompt.clone(), prompt.clone());
+    assert_eq!((cache.num_segments(), cache.capacity()), (1, 100));
+    let mut all = vec![prompt];
+    let mut shape = Vec::new();
+    for i in 100..400 {
+        cache.append(token(i), token(i));
+        all.push(token(i));
+        shape.push((
+            cache.len(),
+            cache.segments().iter().map(|s| s.keys.dims()[2]).collect::<Vec<_>>(),
+        ));
+    }
+    let lens = |n: usize| shape.iter().find(|(len, _)| *len == n).unwrap().1.clone();
+    assert_eq!(lens(101), vec![100, 1]);
+    assert_eq!(lens(164), vec![100, 64]);
+    // Second chunk full: 64 + 64 merge into 128, then 100 <= 128 merges into 228.
+    assert_eq!(lens(228), vec![228]);
+    assert_eq!(lens(292), vec![228, 64]);
+    assert_eq!(lens(356), vec![228, 128]);
+    assert_eq!(lens(400), vec![228, 128, 44]);
+    let starts: Vec<usize> = cache.segments().iter().map(|s| s.start).collect();
+    assert_eq!(starts, vec![0, 228, 356]);
     let (keys, _) = cache.get().unwrap();
     assert_eq!(keys.into_data(), Tensor::cat(all, 1).swap_dims(1, 2).into_data());
+    // Reordering applies to every segment.
+    cache.reorder(Tensor::from_ints([1, 1], &device));
+    assert_eq!(cache.len(), 400);
+    assert_eq!(cache.batch(), Some(2));
+}
+
+/// Decoding over a cache of several segments (a 70-token prompt, then 90 single tokens) gives
+/// the outputs of the uncached forward on the whole sequence, with and without XPOS (whose key
+/// decay is centred on the whole window), for both kernels, with left padding.
+#[test]
+fn cached_decoding_over_segments_equals_the_full_forward() {
+    segmented_decode_matches_full::<TB>(&Default::default(), 160, 70, 1e-5, 1e-4);
+}
+
+/// See [`cached_decoding_over_segments_equals_the_full_forward`]: `prompt` tokens prefilled, then
+/// `t - prompt` single-token steps.
+pub fn segmented_decode_matches_full<B: Backend>(device: &B::Device, t: usize, prompt: usize, atol: f32, rtol: f32) {
+    let (b, e, h) = (2, 16, 4);
+    for position in [PositionTreatment::None, PositionTreatment::Xpos(XposConfig::new(e / h))] {
+        for imp in [AttentionImpl::Explicit, AttentionImpl::Fused] {
+            let attn = MultiHeadAttentionConfig::new(e, h)
+                .with_inner_attn_ln(true)
+                .with_position(position.clone())
+                .with_implementation(imp)
+                .init::<B>(device);
+            let x = Tensor::<B, 3>::random([b, t, e], Distribution::Normal(0.0, 1.0), device);
+            let mut mask_rows = vec![1i64; b * t];
+            mask_rows[..5].fill(0); // row 0: five pads on the left
+            let attention_mask = Tensor::<B, 2, Int>::from_data(TensorData::new(mask_rows, [b, t]), device);
+            let full = attn.forward(
+                x.clone(),
+                None,
+                &AttentionMask::causal_with_attention_mask(attention_mask.clone()),
+                None,
+            );
+            let mut cache = KvCache::new();
+            let mut outs = vec![attn.forward(
+                x.clone().narrow(1, 0, prompt),
+                None,
+                &AttentionMask::causal_with_attention_mask(attention_mask.clone().narrow(1, 0, prompt)),
+                Some(&mut cache),
+            )];
+            for i in prompt..t {
+                let mask = AttentionMask::causal_with_attention_mask(attention_mask.clone().narrow(1, 0, i + 1));
+                outs.push(attn.forward(x.clone().narrow(1, i, 1), None, &mask, Some(&mut cache)));
+            }
+            assert!(cache.num_segments() > 1);
+            let cached = Tensor::cat(outs, 1);
+            let what = format!("{position:?} {imp:?}: cached over segments vs full");
+            assert_close(
+                cached.clone().slice([0..1, 5..t, 0..e]),
+                full.clone().slice([0..1, 5..t, 0..e]),
+                atol,
+                rtol,
+                &what,
+            );
+            assert_close(
+                cached.slice([1..2, 0..t, 0..e]),
+                full.slice([1..2, 0..t, 0..e]),
+                atol,
+                rtol,
+                &what,
+            );
+        }
+    }
 }
 
 #[test]
