@@ -4,6 +4,7 @@
 
 pub mod annotate;
 pub mod commands;
+pub mod eval;
 mod font;
 pub mod generate;
 #[cfg(feature = "hub")]

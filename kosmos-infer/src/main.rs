@@ -1,7 +1,8 @@
 //! `kosmos`: the command-line tool of kosmos-burn.
 //!
 //! `info` (compiled backends, devices, presets), `generate` (any prompt, paper task presets),
-//! `ground` (grounded captions with boxes) and `refer` (the box of a phrase).
+//! `ground` (grounded captions with boxes), `refer` (the box of a phrase) and `data shapes` (the
+//! synthetic grounding world).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use kosmos_infer::commands::{
     DecodeArgs, Job, Mode, ModelArgs, OutputArgs, Task, grounded_prompt, parse_box, phrase_prompt,
 };
+use kosmos_infer::eval::{EvalJob, EvalTask, locate};
 use kosmos_infer::info;
 
 /// KOSMOS-1/KOSMOS-2 multimodal models on Burn.
@@ -28,7 +30,80 @@ struct ImageArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum DataCommand {
+    /// Write the synthetic shapes world: images with coloured shapes, grounded captions,
+    /// referring expressions, captions and text in the training formats, MDETR-style annotation
+    /// files, a `data.toml` and a `summary.json` (with the location codec's ceiling).
+    Shapes {
+        /// Number of images.
+        #[arg(long, default_value_t = 1000)]
+        n: usize,
+        /// Seed (the data set is a pure function of the settings).
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Output directory (created).
+        #[arg(long)]
+        out: PathBuf,
+        /// Settings from a TOML file (the fields of `ShapesConfig`); --n and --seed override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Location grid side the boxes must be representable on.
+        #[arg(long)]
+        grid: Option<usize>,
+        /// Print the summary as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// An annotation file in MDETR's COCO-style layout, or a directory written by
+    /// `kosmos data shapes`.
+    #[arg(long, value_name = "PATH")]
+    data: PathBuf,
+    /// Directory of the pictures (default: the data directory, or the annotation file's).
+    #[arg(long, value_name = "DIR")]
+    images: Option<PathBuf>,
+    /// Evaluate only the first N sentences.
+    #[arg(long, value_name = "N")]
+    limit: Option<usize>,
+    /// Prompts per generation batch (left-padded; 1 decodes each prompt alone).
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// New tokens per answer.
+    #[arg(long, default_value_t = 16)]
+    max_new_tokens: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
+    /// Write every prediction to this JSONL file.
+    #[arg(long, value_name = "FILE")]
+    predictions: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum EvalCommand {
+    /// Referring-expression comprehension: accuracy at IoU >= 0.5 (RefCOCO/+/g files).
+    Refexp(EvalArgs),
+    /// Phrase grounding: recall@1 at IoU >= 0.5 (Flickr30k Entities separate-GT files).
+    Grounding(EvalArgs),
+}
+
+#[derive(Subcommand, Debug)]
 enum Command {
+    /// Evaluate grounding against annotation files.
+    Eval {
+        #[command(subcommand)]
+        command: EvalCommand,
+    },
+    /// Data-set tools.
+    Data {
+        #[command(subcommand)]
+        command: DataCommand,
+    },
     /// Print the compiled backends, their devices and the model presets with their sizes.
     Info {
         /// Also run a small computation on each compiled backend to check its device works.
@@ -100,6 +175,24 @@ fn run(command: Command) -> Result<(), String> {
             print!("{}", info::run(probe, device.as_deref())?);
             return Ok(());
         }
+        Command::Eval { command } => {
+            let (task, args) = match command {
+                EvalCommand::Refexp(a) => (EvalTask::Refexp, a),
+                EvalCommand::Grounding(a) => (EvalTask::Grounding, a),
+            };
+            return eval(task, args);
+        }
+        Command::Data {
+            command:
+                DataCommand::Shapes {
+                    n,
+                    seed,
+                    out,
+                    config,
+                    grid,
+                    json,
+                },
+        } => return data_shapes(n, seed, &out, config.as_deref(), grid, json),
         Command::Generate {
             model,
             images,
@@ -186,4 +279,99 @@ fn main() -> ExitCode {
         }
         Err(_) => ExitCode::FAILURE,
     }
+}
+
+fn data_shapes(
+    n: usize,
+    seed: u64,
+    out: &std::path::Path,
+    config: Option<&std::path::Path>,
+    grid: Option<usize>,
+    json: bool,
+) -> Result<(), String> {
+    use kosmos_train::shapes::{ShapesConfig, write_dataset};
+    let mut settings = match config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            toml::from_str::<ShapesConfig>(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => ShapesConfig::default(),
+    };
+    settings.n = n;
+    settings.seed = seed;
+    if let Some(grid) = grid {
+        settings.grid = grid;
+    }
+    let summary = write_dataset(&settings, out).map_err(|e| e.to_string())?;
+    if json {
+        println!("{}", serde_json::to_string(&summary).map_err(|e| e.to_string())?);
+    } else {
+        let c = &summary.codec;
+        println!(
+            "wrote {} images with {} shapes to {}: {} grounded captions, {} referring expressions ({} need a relation), {} text documents",
+            summary.images,
+            summary.shapes,
+            out.display(),
+            summary.grounded_captions,
+            summary.referring_expressions,
+            summary.relational,
+            summary.text_documents
+        );
+        println!(
+            "location codec ceiling on the {} boxes ({}x{} grid): accuracy at IoU >= 0.5 {:.4}, mean IoU {:.4}, min IoU {:.4}",
+            c.boxes, c.grid, c.grid, c.accuracy_at_0_5, c.mean_iou, c.min_iou
+        );
+    }
+    Ok(())
+}
+
+fn eval(task: EvalTask, args: EvalArgs) -> Result<(), String> {
+    let (annotations, images) = locate(task, &args.data, args.images.as_deref())?;
+    let report = EvalJob {
+        task,
+        model: args.model,
+        annotations,
+        images,
+        limit: args.limit,
+        batch: args.batch,
+        max_new_tokens: args.max_new_tokens,
+    }
+    .run()?;
+    if let Some(path) = &args.predictions {
+        let lines: Vec<String> = report
+            .predictions
+            .iter()
+            .map(|p| serde_json::to_string(p).map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        std::fs::write(path, lines.join("\n") + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let metric = match task {
+        EvalTask::Refexp => "accuracy",
+        EvalTask::Grounding => "recall_at_1",
+    };
+    if args.json {
+        let obj = serde_json::json!({
+            "task": task,
+            "annotations": report.annotations,
+            "sentences": report.sentences,
+            "metric": metric,
+            "iou_threshold": 0.5,
+            "value": report.score.value,
+            "correct": report.score.correct,
+            "total": report.score.total,
+            "seconds": report.seconds,
+        });
+        println!("{obj}");
+    } else {
+        println!(
+            "{metric} at IoU >= 0.5: {:.4} ({} / {}) over {} sentences of {} in {:.1} s",
+            report.score.value,
+            report.score.correct,
+            report.score.total,
+            report.sentences,
+            report.annotations.display(),
+            report.seconds
+        );
+    }
+    Ok(())
 }

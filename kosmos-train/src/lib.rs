@@ -9,5 +9,6 @@
 
 pub mod data;
 pub mod optim;
+pub mod shapes;
 
 pub use kosmos_core::backend::{AutodiffTask, run_autodiff_task};

@@ -1,6 +1,7 @@
 //! Integration tests of kosmos-infer (one test binary for the crate).
 
 mod cli;
+mod eval;
 mod generation;
 mod processors;
 

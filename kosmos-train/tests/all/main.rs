@@ -8,6 +8,7 @@ mod errors;
 mod grit_parity;
 mod packing;
 mod sampler;
+mod shapes;
 mod step_parity;
 mod tar;
 
