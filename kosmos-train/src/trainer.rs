@@ -480,6 +480,9 @@ pub struct TrainTask {
     pub config: Option<TrainConfig>,
     /// A checkpoint or run directory to continue.
     pub resume: Option<PathBuf>,
+    /// Stop after this step (writing a checkpoint there) instead of the configured last step;
+    /// a later `resume` continues the same run.
+    pub stop_after: Option<u64>,
 }
 
 impl AutodiffTask for TrainTask {
@@ -495,6 +498,19 @@ impl AutodiffTask for TrainTask {
                 ));
             }
         };
-        trainer.run()
+        let last = self.stop_after.unwrap_or(u64::MAX);
+        let summary = trainer.run_until(last)?;
+        let step = trainer.step();
+        let checkpointed = trainer
+            .last_checkpoint()
+            .is_some_and(|p| p.ends_with(checkpoint::step_dir_name(step)));
+        if step > 0 && !checkpointed {
+            let path = trainer.save_checkpoint()?;
+            return Ok(RunSummary {
+                last_checkpoint: Some(path),
+                ..summary
+            });
+        }
+        Ok(summary)
     }
 }

@@ -3,6 +3,7 @@
 mod cli;
 mod generation;
 mod processors;
+mod train;
 
 /// The default test backend.
 pub type TB = burn::backend::Flex;
