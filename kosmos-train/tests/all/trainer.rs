@@ -11,7 +11,7 @@ use burn::prelude::*;
 use kosmos_core::testing::repo_root;
 use kosmos_models::Kosmos2;
 use kosmos_train::checkpoint;
-use kosmos_train::config::MetricsFormat;
+use kosmos_train::config::{MetricsFormat, ModelInit};
 use kosmos_train::data::{CollateConfig, Collator, DataLoader};
 use kosmos_train::metrics::StepMetrics;
 use kosmos_train::trainer::accumulate_gradients;
@@ -377,4 +377,22 @@ fn configuration_errors_name_the_file_and_key() {
     let missing = temp_dir("errors-missing").join("nothing");
     let msg = checkpoint::resolve(&missing).unwrap_err().to_string();
     assert!(msg.contains("nothing"), "{msg}");
+}
+
+/// `init = "scratch"`: the fixture's architecture with fresh (MAGNETO) weights, which train.
+#[test]
+fn scratch_initialisation_trains() {
+    let device = Default::default();
+    let mut c = config("scratch", 2, "", "lr = 1e-3", "");
+    c.model.init = ModelInit::Scratch;
+    let mut trainer = Trainer::<AB>::new(c, device).unwrap();
+    let pretrained = Kosmos2::<AB>::from_pretrained(model_dir(), &device).unwrap();
+    let (ours, theirs) = (values::<AB, _>(trainer.model()), values::<AB, _>(&pretrained));
+    assert_eq!(ours.len(), theirs.len());
+    assert!(
+        ours.iter().zip(&theirs).all(|(a, b)| a.len() == b.len() && a != b),
+        "every tensor is fresh"
+    );
+    let summary = trainer.run().unwrap();
+    assert!(summary.steps.iter().all(|m| m.loss.is_finite() && m.grad_norm > 0.0));
 }
