@@ -1,6 +1,7 @@
 //! # kosmos-infer
 //!
-//! Inference front end of kosmos-burn: the `kosmos` command-line tool and the helpers it uses.
+//! Inference front end of kosmos-burn: the `kosmos` command-line tool and the helpers it uses
+//! (`kosmos train` runs `kosmos-train`'s trainer).
 
 pub mod annotate;
 pub mod commands;
@@ -12,3 +13,4 @@ pub mod hub;
 pub mod info;
 pub mod logits;
 pub mod pipeline;
+pub mod train;

@@ -1,8 +1,9 @@
 //! `kosmos`: the command-line tool of kosmos-burn.
 //!
 //! `info` (compiled backends, devices, presets), `generate` (any prompt, paper task presets),
-//! `ground` (grounded captions with boxes), `refer` (the box of a phrase) and `data shapes` (the
-//! synthetic grounding world).
+//! `ground` (grounded captions with boxes), `refer` (the box of a phrase), `train` (a training
+//! run from a TOML configuration, or its continuation from a checkpoint), `data shapes` (the
+//! synthetic grounding world) and `eval` (grounding benchmarks).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -12,7 +13,7 @@ use kosmos_infer::commands::{
     DecodeArgs, Job, Mode, ModelArgs, OutputArgs, Task, grounded_prompt, parse_box, phrase_prompt,
 };
 use kosmos_infer::eval::{EvalJob, EvalTask, locate};
-use kosmos_infer::info;
+use kosmos_infer::{info, train};
 
 /// KOSMOS-1/KOSMOS-2 multimodal models on Burn.
 #[derive(Parser, Debug)]
@@ -167,6 +168,22 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Train from a TOML configuration, or continue a run from its checkpoint.
+    Train {
+        /// The training configuration (see the book's training chapter).
+        #[arg(long, value_name = "FILE.toml", required_unless_present = "resume")]
+        config: Option<PathBuf>,
+        /// Continue the run of this checkpoint, `checkpoints/` or run directory (the newest
+        /// checkpoint); with --config, it must be the run's configuration.
+        #[arg(long, value_name = "DIR")]
+        resume: Option<PathBuf>,
+        /// Stop after this step (a checkpoint is written there); --resume continues later.
+        #[arg(long, value_name = "STEP")]
+        stop_after: Option<u64>,
+        /// Backend and device: flex, ndarray, wgpu, cuda, cuda:1 (default: the first compiled).
+        #[arg(long)]
+        device: Option<String>,
+    },
 }
 
 fn run(command: Command) -> Result<(), String> {
@@ -193,6 +210,19 @@ fn run(command: Command) -> Result<(), String> {
                     json,
                 },
         } => return data_shapes(n, seed, &out, config.as_deref(), grid, json),
+        Command::Train {
+            config,
+            resume,
+            stop_after,
+            device,
+        } => {
+            let device = device.unwrap_or_else(kosmos_infer::commands::default_device);
+            print!(
+                "{}",
+                train::run(config.as_deref(), resume.as_deref(), stop_after, &device)?
+            );
+            return Ok(());
+        }
         Command::Generate {
             model,
             images,

@@ -112,8 +112,10 @@ pub enum Kosmos2Error {
 }
 
 /// Overwrite the token embeddings `[batch, len, embed]` with the image embeddings
-/// `[batch, latents, embed]` at the positions where `mask` (`[batch, len]`) is 1, in order; each
-/// row must mark exactly `latents` positions.
+/// `[images, latents, embed]` at the positions where `mask` (`[batch, len]`) is 1: the marked
+/// positions, in row order, take the images' embeddings in order. Each row marks a multiple of
+/// `latents` positions (a row with one image marks `latents`, a text-only row none, a row with
+/// two images `2 * latents`), and all rows together `images * latents`.
 pub fn write_image_embeds<B: Backend>(
     embeds: Tensor<B, 3>,
     images: &Tensor<B, 3>,
@@ -122,7 +124,7 @@ pub fn write_image_embeds<B: Backend>(
     let [b, t, e] = embeds.dims();
     let device = embeds.device();
     let [ib, latents, ie] = images.dims();
-    if ib != b || ie != e || mask.dims() != [b, t] {
+    if ie != e || mask.dims() != [b, t] {
         return Err(Kosmos2Error::Input(format!(
             "image embeddings {:?} and position mask {:?} do not fit token embeddings {:?}",
             images.dims(),
@@ -131,22 +133,30 @@ pub fn write_image_embeds<B: Backend>(
         )));
     }
     let mut index = vec![0i64; b * t];
+    let mut next = 0usize;
     for (row, m) in int_rows(mask).iter().enumerate() {
         let slots: Vec<usize> = m.iter().enumerate().filter(|(_, v)| **v != 0).map(|(i, _)| i).collect();
-        if slots.len() != latents {
+        if slots.len() % latents.max(1) != 0 {
             return Err(Kosmos2Error::Input(format!(
-                "row {row} of image_embeds_position_mask marks {} positions, the model produces {latents} image embeddings per image",
+                "row {row} of image_embeds_position_mask marks {} positions, not a multiple of the {latents} image embeddings per image",
                 slots.len()
             )));
         }
-        for (k, pos) in slots.into_iter().enumerate() {
-            index[row * t + pos] = (row * latents + k) as i64;
+        for pos in slots {
+            index[row * t + pos] = next as i64;
+            next += 1;
         }
+    }
+    if next != ib * latents {
+        return Err(Kosmos2Error::Input(format!(
+            "image_embeds_position_mask marks {next} positions in all, the {ib} image(s) give {} embeddings",
+            ib * latents
+        )));
     }
     let index = Tensor::<B, 1, Int>::from_data(TensorData::new(index, [b * t]), &device);
     let gathered = images
         .clone()
-        .reshape([b * latents, e])
+        .reshape([ib * latents, e])
         .select(0, index)
         .reshape([b, t, e]);
     let where_image = mask.clone().equal_elem(1).reshape([b, t, 1]).expand([b, t, e]);

@@ -4,6 +4,7 @@ mod cli;
 mod eval;
 mod generation;
 mod processors;
+mod train;
 
 /// The default test backend.
 pub type TB = burn::backend::Flex;

@@ -155,3 +155,39 @@ fn config_defaults_are_the_official_checkpoint() {
     assert_eq!(tiny.text_config.embed_dim, 32);
     assert_eq!(tiny.latent_query_num, 8);
 }
+
+/// Image embeddings go to the marked positions in row order, for rows with two images or none
+/// (training batches mix text-only and image rows); counts that do not fit are errors.
+#[test]
+fn image_embeds_fill_rows_with_several_images_or_none() {
+    use burn::tensor::TensorData;
+    use kosmos_models::kosmos2::write_image_embeds;
+    let device = Default::default();
+    let (len, e, latents) = (10, 2, 3);
+    let embeds = Tensor::<TB, 3>::zeros([2, len, e], &device);
+    let images: Vec<f32> = (0..2 * latents * e).map(|v| v as f32 + 1.0).collect();
+    let images = Tensor::<TB, 3>::from_data(TensorData::new(images, [2, latents, e]), &device);
+    let mut mask = vec![0i64; 2 * len];
+    for p in [1, 2, 3, 6, 7, 8] {
+        mask[p] = 1; // row 0: two images; row 1: none
+    }
+    let mask = Tensor::<TB, 2, Int>::from_data(TensorData::new(mask, [2, len]), &device);
+    let out = write_image_embeds(embeds.clone(), &images, &mask).unwrap();
+    let v = out.into_data().to_vec::<f32>().unwrap();
+    let at = |row: usize, pos: usize| v[(row * len + pos) * e];
+    assert_eq!(
+        [at(0, 1), at(0, 2), at(0, 3), at(0, 6), at(0, 7), at(0, 8)],
+        [1.0, 3.0, 5.0, 7.0, 9.0, 11.0]
+    );
+    assert_eq!((at(0, 0), at(0, 4), at(0, 9)), (0.0, 0.0, 0.0));
+    assert!((0..len).all(|p| at(1, p) == 0.0));
+
+    let one = images.clone().narrow(0, 0, 1);
+    let msg = write_image_embeds(embeds.clone(), &one, &mask).unwrap_err().to_string();
+    assert!(msg.contains("6 positions") && msg.contains("1 image"), "{msg}");
+    let mut bad = vec![0i64; 2 * len];
+    bad[len + 2] = 1;
+    let bad = Tensor::<TB, 2, Int>::from_data(TensorData::new(bad, [2, len]), &device);
+    let msg = write_image_embeds(embeds, &one, &bad).unwrap_err().to_string();
+    assert!(msg.contains("row 1"), "{msg}");
+}

@@ -1,6 +1,7 @@
 //! Integration tests of kosmos-train (one test binary for the crate).
 
 mod cast;
+mod clipping;
 mod collate;
 mod common;
 mod config;
@@ -9,8 +10,10 @@ mod grit_parity;
 mod packing;
 mod sampler;
 mod shapes;
+mod schedule;
 mod step_parity;
 mod tar;
+mod trainer;
 
 /// The default test backend.
 pub type TB = burn::backend::Flex;

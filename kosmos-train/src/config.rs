@@ -1,0 +1,358 @@
+//! The training configuration: one TOML file (`kosmos train --config FILE.toml`).
+//!
+//! Relative paths in the file (`model.dir`, `output_dir`, data source paths and image roots) are
+//! resolved against the directory of the file. Unknown keys are errors. A commented example is
+//! in the book's training chapter; the smallest complete file is
+//!
+//! ```toml
+//! steps = 100
+//! batch_size = 8
+//! output_dir = "runs/grit"
+//!
+//! [model]
+//! dir = "kosmos-2-patch14-224"
+//!
+//! [optim]
+//! lr = 1e-4
+//!
+//! [data]
+//! max_len = 256
+//! [[data.sources]]
+//! name = "grit"
+//! kind = "grit"
+//! paths = ["grit.jsonl"]
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use kosmos_vision::freeze::VisionFreeze;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::data::DataConfig;
+use crate::error::TrainError;
+use crate::schedule::{Decay, LrSchedule};
+
+/// How the model's parameters start.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelInit {
+    /// Fine-tune: load the weights of the Hugging Face directory `model.dir`.
+    #[default]
+    Pretrained,
+    /// From scratch: the architecture of `model.dir/config.json`, random weights with MAGNETO's
+    /// initialisation for the text decoder (seeded by `seed`).
+    Scratch,
+}
+
+/// `[model]`: the model and its tokenizer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A Hugging Face KOSMOS-2 directory: `config.json`, `tokenizer.json`,
+    /// `preprocessor_config.json` and (for `init = "pretrained"`) the safetensors weights.
+    pub dir: PathBuf,
+    /// `"pretrained"` (default) or `"scratch"`.
+    #[serde(default)]
+    pub init: ModelInit,
+    /// Which parts of the CLIP vision tower train: `"none"` (everything trains, the default),
+    /// `"all"` (the tower is frozen) or `"all_but_last"` (only its last layer and final norm
+    /// train). Frozen parameters get no gradient, no optimizer state and no update.
+    #[serde(default = "default_freeze")]
+    pub freeze_vision: VisionFreeze,
+}
+
+fn default_freeze() -> VisionFreeze {
+    VisionFreeze::None
+}
+
+fn d_beta_1() -> f32 {
+    0.9
+}
+fn d_beta_2() -> f32 {
+    0.999
+}
+fn d_eps() -> f32 {
+    1e-8
+}
+fn d_wd() -> f32 {
+    1e-2
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_u64() -> u64 {
+    1
+}
+fn d_keep() -> usize {
+    3
+}
+fn d_true() -> bool {
+    true
+}
+
+/// `[optim]`: AdamW (PyTorch's parameterisation), the learning-rate schedule and clipping.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OptimConfig {
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the decay (default 0).
+    #[serde(default)]
+    pub min_lr: f64,
+    /// Steps of linear warmup from 0 (default 0).
+    #[serde(default)]
+    pub warmup_steps: u64,
+    /// Decay after warmup: `"constant"`, `"linear"` (default) or `"cosine"`.
+    #[serde(default)]
+    pub decay: Decay,
+    /// AdamW `betas[0]` (default 0.9).
+    #[serde(default = "d_beta_1")]
+    pub beta_1: f32,
+    /// AdamW `betas[1]` (default 0.999).
+    #[serde(default = "d_beta_2")]
+    pub beta_2: f32,
+    /// AdamW `eps`, outside the square root (default 1e-8).
+    #[serde(default = "d_eps")]
+    pub epsilon: f32,
+    /// Decoupled weight decay (default 0.01), applied to every trained parameter.
+    #[serde(default = "d_wd")]
+    pub weight_decay: f32,
+    /// Clip the global gradient norm to this (`torch.nn.utils.clip_grad_norm_`; default 1.0,
+    /// transformers' default); 0 turns clipping off (the norm is still logged).
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+}
+
+/// `[validation]`: periodic validation loss on a separate data set.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidationConfig {
+    /// Validate every this many steps (and after the last step).
+    pub every: u64,
+    /// Batches per validation (always the first ones of `data`, so every validation sees the
+    /// same examples).
+    #[serde(default = "d_one")]
+    pub batches: usize,
+    /// Rows per validation batch (default: the training `batch_size`).
+    #[serde(default)]
+    pub batch_size: Option<usize>,
+    /// The validation data (same format as `[data]`).
+    pub data: DataConfig,
+}
+
+/// `[checkpoint]`: when to write checkpoints and how many to keep.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Write a checkpoint every this many steps (0: only after the last step). The last step
+    /// is always checkpointed.
+    #[serde(default)]
+    pub every: u64,
+    /// Keep the newest this many checkpoints, deleting older ones (default 3, at least 1).
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self {
+            every: 0,
+            keep_last: d_keep(),
+        }
+    }
+}
+
+/// Format of the metrics log.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricsFormat {
+    /// `metrics.jsonl`: one JSON object per step.
+    #[default]
+    Jsonl,
+    /// `metrics.csv`: a header line, then one row per step.
+    Csv,
+}
+
+/// `[log]`: the progress line and the metrics file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// Print a progress line (step, loss, learning rate, tokens/s, gradient norm) to stderr every
+    /// this many steps (default 1).
+    #[serde(default = "d_one_u64")]
+    pub every: u64,
+    /// Print the progress line at all (default true).
+    #[serde(default = "d_true")]
+    pub progress: bool,
+    /// `"jsonl"` (default) or `"csv"`; the file is `output_dir/metrics.<format>`, one record
+    /// per step.
+    #[serde(default)]
+    pub format: MetricsFormat,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            every: 1,
+            progress: true,
+            format: MetricsFormat::Jsonl,
+        }
+    }
+}
+
+/// The whole training configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Optimizer steps of the run.
+    pub steps: u64,
+    /// Rows per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (default 1). The step's loss is the mean over all scored
+    /// tokens of its micro-batches (see [`crate::trainer::accumulate_gradients`]).
+    #[serde(default = "d_one")]
+    pub grad_accumulation: usize,
+    /// Base seed: scratch initialisation and the per-step seeds (`step_seed(seed, step)`); the
+    /// data order has its own `data.seed`.
+    #[serde(default)]
+    pub seed: u64,
+    /// Run directory: `config.toml`, `metrics.jsonl` (or `.csv`) and `checkpoints/step-NNNNNN/`.
+    pub output_dir: PathBuf,
+    /// The model.
+    pub model: ModelConfig,
+    /// Optimizer, schedule and clipping.
+    pub optim: OptimConfig,
+    /// Training data (see [`DataConfig`]).
+    pub data: DataConfig,
+    /// Optional periodic validation.
+    #[serde(default)]
+    pub validation: Option<ValidationConfig>,
+    /// Checkpoints.
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+    /// Progress line and metrics file.
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+impl TrainConfig {
+    /// Read a TOML file, resolve its relative paths against the file's directory and validate.
+    pub fn from_toml_file(path: impl AsRef<Path>) -> Result<Self, TrainError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::io(path, e))?;
+        let mut config = Self::from_toml_str(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_relative_to(base);
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parse TOML text (`path` names it in errors); paths stay as written.
+    pub fn from_toml_str(text: &str, path: &Path) -> Result<Self, TrainError> {
+        toml::from_str(text).map_err(|e| TrainError::Config {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    /// The configuration as TOML (what a checkpoint stores).
+    pub fn to_toml(&self) -> Result<String, TrainError> {
+        toml::to_string(self).map_err(|e| TrainError::Invalid(format!("cannot write the configuration as TOML: {e}")))
+    }
+
+    /// Resolve relative paths against `base`.
+    pub fn resolve_relative_to(&mut self, base: &Path) {
+        let join = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        join(&mut self.model.dir);
+        join(&mut self.output_dir);
+        self.data.resolve_relative_to(base);
+        if let Some(v) = self.validation.as_mut() {
+            v.data.resolve_relative_to(base);
+        }
+    }
+
+    /// Check values that serde cannot; errors name the key.
+    pub fn validate(&self) -> Result<(), TrainError> {
+        let bad = |key: &str, rule: &str, found: String| {
+            Err(TrainError::Invalid(format!("`{key}` must be {rule}, found {found}")))
+        };
+        let o = &self.optim;
+        if self.steps == 0 {
+            return bad("steps", ">= 1", "0".into());
+        }
+        if self.batch_size == 0 {
+            return bad("batch_size", ">= 1", "0".into());
+        }
+        if self.grad_accumulation == 0 {
+            return bad("grad_accumulation", ">= 1", "0".into());
+        }
+        if !(o.lr.is_finite() && o.lr > 0.0) {
+            return bad("optim.lr", "finite and > 0", o.lr.to_string());
+        }
+        if !(o.min_lr.is_finite() && o.min_lr >= 0.0 && o.min_lr <= o.lr) {
+            return bad("optim.min_lr", "finite, >= 0 and <= optim.lr", o.min_lr.to_string());
+        }
+        for (key, beta) in [("optim.beta_1", o.beta_1), ("optim.beta_2", o.beta_2)] {
+            if !(0.0..1.0).contains(&beta) {
+                return bad(key, "in [0, 1)", beta.to_string());
+            }
+        }
+        if !(o.epsilon.is_finite() && o.epsilon > 0.0) {
+            return bad("optim.epsilon", "finite and > 0", o.epsilon.to_string());
+        }
+        if !(o.weight_decay.is_finite() && o.weight_decay >= 0.0) {
+            return bad("optim.weight_decay", "finite and >= 0", o.weight_decay.to_string());
+        }
+        if !(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0) {
+            return bad("optim.max_grad_norm", "finite and >= 0", o.max_grad_norm.to_string());
+        }
+        if self.checkpoint.keep_last == 0 {
+            return bad("checkpoint.keep_last", ">= 1", "0".into());
+        }
+        if self.log.every == 0 {
+            return bad("log.every", ">= 1", "0".into());
+        }
+        if let Some(v) = &self.validation {
+            if v.every == 0 {
+                return bad("validation.every", ">= 1", "0".into());
+            }
+            if v.batches == 0 || v.batch_size == Some(0) {
+                return bad("validation.batches and validation.batch_size", ">= 1", "0".into());
+            }
+            v.data.validate()?;
+        }
+        self.data.validate()?;
+        Ok(())
+    }
+
+    /// The learning-rate schedule of the run.
+    pub fn schedule(&self) -> LrSchedule {
+        LrSchedule {
+            lr: self.optim.lr,
+            min_lr: self.optim.min_lr,
+            warmup_steps: self.optim.warmup_steps,
+            total_steps: self.steps,
+            decay: self.optim.decay,
+        }
+    }
+
+    /// SHA-256 (hex) of everything that defines the run: the configuration without
+    /// `output_dir` (a run directory may be moved) and without `log` (how progress is shown).
+    /// A checkpoint records it; resuming with a different configuration is refused.
+    pub fn run_hash(&self) -> String {
+        let mut c = self.clone();
+        c.output_dir = PathBuf::new();
+        c.log = LogConfig::default();
+        let json = serde_json::to_string(&c).expect("the configuration serialises");
+        let digest = Sha256::digest(json.as_bytes());
+        digest.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}

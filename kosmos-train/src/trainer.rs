@@ -1,0 +1,516 @@
+//! The training loop: [`Trainer`], generic over Burn's autodiff backends.
+//!
+//! One optimizer step of a run with `grad_accumulation = k`:
+//!
+//! 1. re-seed the backend with [`step_seed`]`(seed, step)`;
+//! 2. draw `k` micro-batches of `batch_size` rows from the resumable [`DataLoader`];
+//! 3. [`accumulate_gradients`]: forward, [`causal_lm_loss`], backward per micro-batch, each loss
+//!    weighted by its share of the step's scored tokens (see there);
+//! 4. stop with [`TrainError::NonFinite`] if the loss is NaN or infinite (nothing is applied or
+//!    checkpointed);
+//! 5. clip by the global norm ([`clip_grad_norm`], `optim.max_grad_norm`);
+//! 6. AdamW ([`crate::optim`]) with the schedule's learning rate ([`crate::schedule`]);
+//! 7. log metrics, validate every `validation.every` steps, checkpoint every `checkpoint.every`
+//!    steps and after the last ([`crate::checkpoint`]).
+//!
+//! # Why not burn-train's `Learner`
+//!
+//! burn-train 0.21.0 was read (`learner/supervised/strategies/single/epoch.rs`,
+//! `learner/base.rs`, `checkpoint/file.rs`) before writing this loop. Its `Learner` does not
+//! fit the requirements without replacing most of it:
+//!
+//! - checkpoints and resumption are per *epoch* (`LearningCheckpointer::checkpoint(epoch)`,
+//!   resume restarts at `checkpoint + 1`), while our data is an endless weighted mixture whose
+//!   position ([`crate::data::DataState`]) must be saved at any step; its data loaders are
+//!   `Arc<dyn DataLoader>` iterated afresh each epoch, with no way to save or restore a
+//!   position mid-epoch;
+//! - `FileCheckpointer` writes model, optimizer and scheduler records straight to their final
+//!   paths (no temporary file and rename), with no step, data or RNG state, and a failed save
+//!   panics (`expect("Can save model checkpoint.")`);
+//! - the optimizer step (`Learner::optimizer_step`) follows the gradients directly: there is no
+//!   place for clipping by the *global* norm (only the optimizer's per-tensor clipping) or for
+//!   refusing a step whose loss is not finite;
+//! - its gradient accumulation sums the micro-batch gradients of losses that are each a mean
+//!   over their own tokens; weighting by scored tokens needs the count of the whole step before
+//!   the first backward;
+//! - the dependency is heavy: even with `default-features = false` it pulls burn-dataset,
+//!   `rstest` as a normal dependency, tracing-appender and csv (the default features add the
+//!   ratatui TUI, sysinfo and NVML).
+//!
+//! What is reused from Burn: the autodiff backend, [`GradientsParams`] and burn-optim's
+//! [`GradientsAccumulator`], its AdamW, and the record format of the checkpoint files. The
+//! data-parallel engine (burn-train's multi-device strategies) is not wired in yet.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::{AutodiffModule, Module, ModuleMapper};
+use burn::optim::adaptor::OptimizerAdaptor;
+use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
+use burn::prelude::*;
+use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::backend::AutodiffBackend;
+use kosmos_core::backend::AutodiffTask;
+use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss};
+use kosmos_models::{Kosmos2, Kosmos2Config, Kosmos2Input};
+use kosmos_vision::freeze::freeze_vision;
+
+use crate::checkpoint::{self, RngState, TrainState, step_seed};
+use crate::clip::{clip_grad_norm, global_grad_norm};
+use crate::config::{ModelInit, TrainConfig};
+use crate::data::{Batch, CollateConfig, Collator, DataConfig, DataLoader};
+use crate::error::TrainError;
+use crate::metrics::{MetricsLog, StepMetrics};
+use crate::optim::AdamWConfig;
+use crate::schedule::LrSchedule;
+
+/// The optimizer of a [`Trainer`].
+pub type TrainOptimizer<B> = OptimizerAdaptor<AdamW, Kosmos2<B>, B>;
+
+type FileRecorder = NamedMpkFileRecorder<FullPrecisionSettings>;
+
+/// Scored tokens of a batch: the labels that [`causal_lm_loss`] counts (not the first position
+/// of a row, not [`IGNORE_INDEX`]).
+pub fn scored_tokens(batch: &Batch) -> u64 {
+    batch
+        .labels
+        .iter()
+        .map(|row| row.iter().skip(1).filter(|&&l| l != IGNORE_INDEX).count() as u64)
+        .sum()
+}
+
+/// Input tokens (attention mask 1) of a batch.
+pub fn input_tokens(batch: &Batch) -> u64 {
+    batch
+        .attention_mask
+        .iter()
+        .map(|row| row.iter().filter(|&&m| m != 0).count() as u64)
+        .sum()
+}
+
+/// The mean next-token loss of a batch (over its scored tokens), on any backend.
+pub fn batch_loss<B: Backend>(
+    model: &Kosmos2<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, TrainError> {
+    let t = batch.to_tensors::<B>(device);
+    let has_images = t.pixel_values.is_some();
+    let input = Kosmos2Input {
+        input_ids: t.input_ids,
+        attention_mask: Some(t.attention_mask),
+        pixel_values: t.pixel_values,
+        image_embeds_position_mask: has_images.then_some(t.image_embeds_position_mask),
+    };
+    Ok(causal_lm_loss(model.forward(&input)?.logits, t.labels))
+}
+
+/// The gradients of one optimizer step over several micro-batches.
+pub struct Accumulated {
+    /// Mean loss over every scored token of all micro-batches.
+    pub loss: f64,
+    /// The gradients of that mean loss (parameters without a gradient are absent).
+    pub grads: GradientsParams,
+    /// Scored tokens of all micro-batches.
+    pub scored_tokens: u64,
+    /// Input tokens of all micro-batches.
+    pub tokens: u64,
+}
+
+/// Forward and backward over `batches`, accumulating the gradients of the mean loss over all
+/// their scored tokens: micro-batch `i` with `n_i` of the `N` scored tokens contributes
+/// `loss_i * n_i / N` (its own mean loss times its share). That is what transformers' Trainer
+/// computes when the model receives `num_items_in_batch` (the default for causal LMs since
+/// 4.46): the result equals one batch made of the union of the micro-batches' rows, whatever
+/// their padding. (A plain `loss_i / k` would weight a token of a short micro-batch more.)
+///
+/// Stops with [`TrainError::NonFinite`] (`step` names it) as soon as a micro-batch's loss is
+/// not finite. Micro-batches without scored tokens are skipped.
+pub fn accumulate_gradients<B: AutodiffBackend>(
+    model: &Kosmos2<B>,
+    batches: &[Batch],
+    device: &B::Device,
+    step: u64,
+) -> Result<Accumulated, TrainError> {
+    let counts: Vec<u64> = batches.iter().map(scored_tokens).collect();
+    let total: u64 = counts.iter().sum();
+    let tokens = batches.iter().map(input_tokens).sum();
+    let mut accumulator = GradientsAccumulator::<Kosmos2<B>>::new();
+    let mut loss = 0.0;
+    for (batch, &n) in batches.iter().zip(&counts) {
+        if n == 0 {
+            continue;
+        }
+        let share = n as f64 / total as f64;
+        let l = batch_loss(model, batch, device)?;
+        let value: f64 = l.clone().into_scalar().elem();
+        if !value.is_finite() {
+            return Err(TrainError::NonFinite {
+                step,
+                what: "loss",
+                value,
+                last_checkpoint: None,
+            });
+        }
+        loss += value * share;
+        let grads = GradientsParams::from_grads(l.mul_scalar(share).backward(), model);
+        accumulator.accumulate(model, grads);
+    }
+    Ok(Accumulated {
+        loss,
+        grads: accumulator.grads(),
+        scored_tokens: total,
+        tokens,
+    })
+}
+
+/// Forces Burn's lazily initialised parameters (so that clones share values).
+struct Materialize;
+impl<B: Backend> ModuleMapper<B> for Materialize {}
+
+/// The loader of a data configuration with the model's tokenizer and image processor.
+fn loader(model_dir: &Path, latents: usize, data: &DataConfig) -> Result<DataLoader, TrainError> {
+    let collator = Collator::from_model_dir(model_dir, latents, CollateConfig::from(data))?;
+    Ok(DataLoader::with_collator(data.clone(), collator)?)
+}
+
+/// What [`Trainer::run`] did.
+#[derive(Clone, Debug, Default)]
+pub struct RunSummary {
+    /// The metrics of the steps run by this call.
+    pub steps: Vec<StepMetrics>,
+    /// Steps completed in the run (including before a resume).
+    pub step: u64,
+    /// The newest checkpoint.
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// A training run of KOSMOS-2 on autodiff backend `B`.
+pub struct Trainer<B: AutodiffBackend> {
+    config: TrainConfig,
+    run_hash: String,
+    device: B::Device,
+    model: Kosmos2<B>,
+    optim: TrainOptimizer<B>,
+    loader: DataLoader,
+    schedule: LrSchedule,
+    latents: usize,
+    step: u64,
+    tokens: u64,
+    metrics: MetricsLog,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<B: AutodiffBackend> Trainer<B> {
+    /// Start a fresh run in `config.output_dir` (refused if it already holds checkpoints: resume
+    /// it or choose another directory).
+    pub fn new(config: TrainConfig, device: B::Device) -> Result<Self, TrainError> {
+        config.validate()?;
+        let checkpoints = config.output_dir.join("checkpoints");
+        if let Some((_, newest)) = checkpoint::list(&checkpoints)?.pop() {
+            return Err(TrainError::checkpoint(
+                &newest,
+                "the output directory already holds checkpoints: resume it (`--resume`) or choose another output_dir",
+            ));
+        }
+        let model_config = Self::model_config(&config)?;
+        B::seed(&device, step_seed(config.seed, 0));
+        let model = match config.model.init {
+            ModelInit::Pretrained => Kosmos2::<B>::from_pretrained(&config.model.dir, &device)?,
+            ModelInit::Scratch => {
+                let mut model = Kosmos2::<B>::new(&model_config, &device);
+                model.text_model.model.decoder = model_config.decoder().init_magneto(&device);
+                model
+            }
+        }
+        .map(&mut Materialize);
+        std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;
+        let copy = config.output_dir.join("config.toml");
+        std::fs::write(&copy, config.to_toml()?).map_err(|e| TrainError::io(&copy, e))?;
+        Self::assemble(config, model_config, model, device, 0)
+    }
+
+    /// Continue the run of a checkpoint: `dir` is a checkpoint directory, a run's
+    /// `checkpoints/` directory or the run directory (then the newest checkpoint is used). With
+    /// `config`, it must describe the same run ([`TrainConfig::run_hash`]); without, the
+    /// checkpoint's own configuration is used. The run continues in the checkpoint's run
+    /// directory.
+    pub fn resume(dir: &Path, config: Option<&TrainConfig>, device: B::Device) -> Result<Self, TrainError> {
+        let step_dir = checkpoint::resolve(dir)?;
+        let (state, mut stored) = checkpoint::read(&step_dir)?;
+        if let Some(given) = config {
+            let found = given.run_hash();
+            if found != state.config_hash {
+                return Err(TrainError::ConfigMismatch {
+                    checkpoint: step_dir,
+                    expected: state.config_hash,
+                    found,
+                });
+            }
+            stored.log = given.log.clone();
+        }
+        if let Some(run_dir) = step_dir.parent().and_then(Path::parent) {
+            stored.output_dir = run_dir.to_path_buf();
+        }
+        stored.validate()?;
+        let model_config = Self::model_config(&stored)?;
+        let recorder = FileRecorder::new();
+        let model = Kosmos2::<B>::new(&model_config, &device)
+            .load_file(step_dir.join("model"), &recorder, &device)
+            .map_err(|e| TrainError::checkpoint(&step_dir.join("model.mpk"), e.to_string()))?;
+        let mut trainer = Self::assemble(stored, model_config, model, device, state.step)?;
+        let optim_path = step_dir.join("optim");
+        let record = Recorder::<B>::load(&recorder, optim_path.clone(), &trainer.device)
+            .map_err(|e| TrainError::checkpoint(&step_dir.join("optim.mpk"), e.to_string()))?;
+        trainer.optim = trainer.optim.load_record(record);
+        trainer.loader.restore(&state.data)?;
+        trainer.tokens = state.tokens;
+        trainer.last_checkpoint = Some(step_dir);
+        Ok(trainer)
+    }
+
+    fn model_config(config: &TrainConfig) -> Result<Kosmos2Config, TrainError> {
+        Ok(Kosmos2Config::from_json_file(config.model.dir.join("config.json"))
+            .map_err(kosmos_models::Kosmos2Error::from)?)
+    }
+
+    fn assemble(
+        config: TrainConfig,
+        model_config: Kosmos2Config,
+        mut model: Kosmos2<B>,
+        device: B::Device,
+        step: u64,
+    ) -> Result<Self, TrainError> {
+        model.vision_model.model = freeze_vision(model.vision_model.model, config.model.freeze_vision);
+        let o = &config.optim;
+        let optim = AdamWConfig::new()
+            .with_beta_1(o.beta_1)
+            .with_beta_2(o.beta_2)
+            .with_epsilon(o.epsilon)
+            .with_weight_decay(o.weight_decay)
+            .init::<B, Kosmos2<B>>();
+        let latents = model_config.latent_query_num;
+        let loader = loader(&config.model.dir, latents, &config.data)?;
+        let metrics = MetricsLog::open(&config.output_dir, config.log.format, step)?;
+        Ok(Self {
+            run_hash: config.run_hash(),
+            schedule: config.schedule(),
+            config,
+            device,
+            model,
+            optim,
+            loader,
+            latents,
+            step,
+            tokens: 0,
+            metrics,
+            last_checkpoint: None,
+        })
+    }
+
+    /// The configuration (paths resolved).
+    pub fn config(&self) -> &TrainConfig {
+        &self.config
+    }
+
+    /// The model as trained so far.
+    pub fn model(&self) -> &Kosmos2<B> {
+        &self.model
+    }
+
+    /// Steps completed.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// The metrics file.
+    pub fn metrics_path(&self) -> &Path {
+        self.metrics.path()
+    }
+
+    /// The newest checkpoint written or resumed from.
+    pub fn last_checkpoint(&self) -> Option<&Path> {
+        self.last_checkpoint.as_deref()
+    }
+
+    /// One optimizer step (see the module documentation). Does not log, validate or checkpoint.
+    pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
+        let step = self.step + 1;
+        let start = Instant::now();
+        B::seed(&self.device, step_seed(self.config.seed, step));
+        let lr = self.schedule.lr_at(step - 1);
+        let batches = (0..self.config.grad_accumulation)
+            .map(|_| self.loader.next_batch(self.config.batch_size))
+            .collect::<Result<Vec<_>, _>>()?;
+        let non_finite = |what, value, last: &Option<PathBuf>| TrainError::NonFinite {
+            step,
+            what,
+            value,
+            last_checkpoint: last.clone(),
+        };
+        let acc = accumulate_gradients(&self.model, &batches, &self.device, step).map_err(|e| match e {
+            TrainError::NonFinite { value, .. } => non_finite("loss", value, &self.last_checkpoint),
+            e => e,
+        })?;
+        let (grads, grad_norm) = if self.config.optim.max_grad_norm > 0.0 {
+            clip_grad_norm::<B, _>(&self.model, acc.grads, self.config.optim.max_grad_norm)
+        } else {
+            let norm = global_grad_norm::<B, _>(&self.model, &acc.grads);
+            (acc.grads, norm)
+        };
+        if !grad_norm.is_finite() {
+            return Err(non_finite("gradient norm", grad_norm, &self.last_checkpoint));
+        }
+        self.model = self.optim.step(lr, self.model.clone(), grads);
+        self.step = step;
+        self.tokens += acc.tokens;
+        let seconds = start.elapsed().as_secs_f64().max(1e-9);
+        Ok(StepMetrics {
+            step,
+            loss: acc.loss,
+            lr,
+            tokens: acc.tokens,
+            scored_tokens: acc.scored_tokens,
+            tokens_per_s: acc.tokens as f64 / seconds,
+            grad_norm,
+            val_loss: None,
+        })
+    }
+
+    /// The validation loss (mean over the scored tokens of `validation.batches` batches, the
+    /// first ones of the validation data), or `None` without `[validation]`.
+    pub fn validate(&self) -> Result<Option<f64>, TrainError> {
+        let Some(v) = &self.config.validation else {
+            return Ok(None);
+        };
+        let mut loader = loader(&self.config.model.dir, self.latents, &v.data)?;
+        let model = self.model.valid();
+        let (mut sum, mut count) = (0.0, 0u64);
+        for _ in 0..v.batches {
+            let batch = loader.next_batch(v.batch_size.unwrap_or(self.config.batch_size))?;
+            let n = scored_tokens(&batch);
+            if n == 0 {
+                continue;
+            }
+            let l: f64 = batch_loss(&model, &batch, &self.device)?.into_scalar().elem();
+            sum += l * n as f64;
+            count += n;
+        }
+        Ok(Some(if count == 0 { 0.0 } else { sum / count as f64 }))
+    }
+
+    /// Write a checkpoint of the current step (see [`crate::checkpoint`]).
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf, TrainError> {
+        let state = TrainState {
+            format: checkpoint::FORMAT,
+            step: self.step,
+            tokens: self.tokens,
+            data: self.loader.state(),
+            rng: RngState {
+                seed: self.config.seed,
+                step: self.step,
+            },
+            config_hash: self.run_hash.clone(),
+        };
+        let dir = self.config.output_dir.join("checkpoints");
+        let path = checkpoint::write(&dir, &state, &self.config, self.config.checkpoint.keep_last, |tmp| {
+            let recorder = FileRecorder::new();
+            self.model
+                .clone()
+                .save_file(tmp.join("model"), &recorder)
+                .map_err(|e| TrainError::io(&tmp.join("model.mpk"), e))?;
+            Recorder::<B>::record(&recorder, self.optim.to_record(), tmp.join("optim"))
+                .map_err(|e| TrainError::io(&tmp.join("optim.mpk"), e))?;
+            Ok(())
+        })?;
+        self.last_checkpoint = Some(path.clone());
+        Ok(path)
+    }
+
+    /// Train to the configured number of steps.
+    pub fn run(&mut self) -> Result<RunSummary, TrainError> {
+        self.run_until(self.config.steps)
+    }
+
+    /// Train until step `last` (at most the configured number), logging, validating and
+    /// checkpointing on the way. A run stopped here and resumed later is the same run as one
+    /// that was not stopped, provided a checkpoint of the stopping step exists (checkpoint
+    /// steps: multiples of `checkpoint.every`, and the last step).
+    pub fn run_until(&mut self, last: u64) -> Result<RunSummary, TrainError> {
+        let last = last.min(self.config.steps);
+        let mut summary = RunSummary::default();
+        while self.step < last {
+            let mut m = self.train_step()?;
+            let s = m.step;
+            let final_step = s == self.config.steps;
+            if let Some(v) = &self.config.validation
+                && (s % v.every == 0 || final_step)
+            {
+                m.val_loss = self.validate()?;
+            }
+            self.metrics.write(&m)?;
+            if self.config.log.progress && (s % self.config.log.every == 0 || final_step) {
+                eprintln!(
+                    "step {s}/{} loss {:.4} lr {:.3e} {:.0} tok/s grad_norm {:.3}{}",
+                    self.config.steps,
+                    m.loss,
+                    m.lr,
+                    m.tokens_per_s,
+                    m.grad_norm,
+                    m.val_loss.map(|v| format!(" val_loss {v:.4}")).unwrap_or_default()
+                );
+            }
+            let every = self.config.checkpoint.every;
+            if final_step || (every > 0 && s % every == 0) {
+                self.save_checkpoint()?;
+            }
+            summary.steps.push(m);
+        }
+        summary.step = self.step;
+        summary.last_checkpoint = self.last_checkpoint.clone();
+        Ok(summary)
+    }
+}
+
+/// `kosmos train` as an [`AutodiffTask`]: a fresh run of `config`, or `resume` of a checkpoint
+/// (with `config`, which must then describe the same run). Run it with
+/// [`kosmos_core::backend::run_autodiff_task`].
+pub struct TrainTask {
+    /// The configuration (required without `resume`).
+    pub config: Option<TrainConfig>,
+    /// A checkpoint or run directory to continue.
+    pub resume: Option<PathBuf>,
+    /// Stop after this step (writing a checkpoint there) instead of the configured last step;
+    /// a later `resume` continues the same run.
+    pub stop_after: Option<u64>,
+}
+
+impl AutodiffTask for TrainTask {
+    type Output = Result<RunSummary, TrainError>;
+
+    fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
+        let mut trainer = match (self.resume, self.config) {
+            (Some(dir), config) => Trainer::<B>::resume(&dir, config.as_ref(), device)?,
+            (None, Some(config)) => Trainer::<B>::new(config, device)?,
+            (None, None) => {
+                return Err(TrainError::Invalid(
+                    "nothing to train: give a configuration or a checkpoint to resume".into(),
+                ));
+            }
+        };
+        let last = self.stop_after.unwrap_or(u64::MAX);
+        let summary = trainer.run_until(last)?;
+        let step = trainer.step();
+        let checkpointed = trainer
+            .last_checkpoint()
+            .is_some_and(|p| p.ends_with(checkpoint::step_dir_name(step)));
+        if step > 0 && !checkpointed {
+            let path = trainer.save_checkpoint()?;
+            return Ok(RunSummary {
+                last_checkpoint: Some(path),
+                ..summary
+            });
+        }
+        Ok(summary)
+    }
+}
