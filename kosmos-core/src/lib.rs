@@ -21,5 +21,7 @@ pub use attention::{
     AttentionImpl, AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttentionConfig, PositionTreatment,
 };
 pub use decoder::{Decoder, DecoderCache, DecoderConfig, DecoderLayer, FeedForward, FeedForwardConfig};
-pub use loader::{KeyMap, LoadError, LoadReport, TensorFile, cast_floats, load_safetensors, load_safetensors_files};
+pub use loader::{
+    KeyMap, LoadError, LoadReport, TensorFile, cast_floats, load_safetensors, load_safetensors_files, save_safetensors,
+};
 pub use positions::{SinusoidalPositions, SinusoidalPositionsConfig, Xpos, XposConfig};

@@ -171,6 +171,52 @@ pub const HF_KOSMOS2_UNTIED: KeyMap = KeyMap {
     ],
 };
 
+/// Our `Kosmos2` module paths back onto HF KOSMOS-2 keys (the inverse of [`HF_KOSMOS2`]'s
+/// renames), for [`save_safetensors`].
+pub const HF_KOSMOS2_SAVE: &[(&str, &str)] = &[
+    (r"^text_model\.model\.decoder\.layers\.", "text_model.model.layers."),
+    (
+        r"^text_model\.model\.decoder\.layer_norm\.",
+        "text_model.model.layer_norm.",
+    ),
+];
+
+/// Write a module's parameters as a safetensors file in PyTorch's layout: `nn.Linear` weights
+/// transposed back to `[out, in]`, LayerNorm `gamma`/`beta` named `weight`/`bias`
+/// (burn-store's `BurnToPyTorchAdapter`), keys renamed by `rename` (`(regex, replacement)`,
+/// applied in order), floats in the module's dtype. The file is written to a temporary name in
+/// the same directory and renamed into place, so a crash never leaves a partial file at `path`.
+pub fn save_safetensors<B: Backend, M: ModuleSnapshot<B>>(
+    module: &M,
+    path: impl AsRef<Path>,
+    rename: &[(&str, &str)],
+) -> Result<(), LoadError> {
+    let path = path.as_ref();
+    let other = |message: String| LoadError::Other {
+        path: path.to_path_buf(),
+        message,
+    };
+    let file_name = path
+        .file_name()
+        .ok_or_else(|| other("not a file path".into()))?
+        .to_string_lossy();
+    let tmp = path.with_file_name(format!(".{file_name}.tmp-{}", std::process::id()));
+    let remapper =
+        burn_store::KeyRemapper::from_patterns(rename.to_vec()).map_err(|e| other(format!("bad rename rule: {e}")))?;
+    let mut store = burn_store::SafetensorsStore::from_file(&tmp)
+        .with_to_adapter(burn_store::BurnToPyTorchAdapter)
+        .remap(remapper)
+        .overwrite(true);
+    let result = module
+        .save_into(&mut store)
+        .map_err(|e| other(e.to_string()))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| other(format!("renaming {}: {e}", tmp.display()))));
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 fn is_ignored(key: &str, map: &KeyMap) -> bool {
     map.ignore
         .iter()

@@ -15,7 +15,9 @@ use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::module::linear;
 use burn::tensor::{DType, TensorData};
-use kosmos_core::loader::{HF_KOSMOS2, HF_KOSMOS2_UNTIED, LoadError, cast_floats, load_safetensors_files};
+use kosmos_core::loader::{
+    HF_KOSMOS2, HF_KOSMOS2_SAVE, HF_KOSMOS2_UNTIED, LoadError, cast_floats, load_safetensors_files,
+};
 use kosmos_core::{
     AttentionImpl, AttentionMask, Decoder, DecoderCache, SinusoidalPositions, SinusoidalPositionsConfig,
 };
@@ -268,6 +270,43 @@ impl<B: Backend> Kosmos2<B> {
         };
         load_safetensors_files(&mut model, &files, map)?;
         Ok(cast_floats(model, dtype))
+    }
+
+    /// Files besides the weights that make a model directory, copied by
+    /// [`Kosmos2::save_pretrained`] when the source directory has them.
+    pub const DIRECTORY_FILES: [&'static str; 8] = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "sentencepiece.bpe.model",
+        "preprocessor_config.json",
+        "processor_config.json",
+    ];
+
+    /// Save as a Hugging Face model directory that transformers' `from_pretrained` and
+    /// [`Kosmos2::from_pretrained`] load: `model.safetensors` with HF's keys and layouts (the
+    /// `lm_head` left out when tied, as `save_pretrained` does), written atomically, plus the
+    /// configuration, tokenizer and processor files copied from `source` (the directory the
+    /// architecture came from). `out` is created if needed.
+    pub fn save_pretrained(&self, out: impl AsRef<Path>, source: impl AsRef<Path>) -> Result<(), Kosmos2Error> {
+        let (out, source) = (out.as_ref(), source.as_ref());
+        std::fs::create_dir_all(out).map_err(|e| Kosmos2Error::Missing {
+            path: out.to_path_buf(),
+            message: format!("cannot create the directory: {e}"),
+        })?;
+        for name in Self::DIRECTORY_FILES {
+            let from = source.join(name);
+            if from.is_file() && from != out.join(name) {
+                std::fs::copy(&from, out.join(name)).map_err(|e| Kosmos2Error::Missing {
+                    path: out.join(name),
+                    message: format!("copying {}: {e}", from.display()),
+                })?;
+            }
+        }
+        kosmos_core::loader::save_safetensors(self, out.join("model.safetensors"), HF_KOSMOS2_SAVE)?;
+        Ok(())
     }
 
     /// Use the given attention kernel everywhere.

@@ -155,6 +155,12 @@ pub struct CheckpointConfig {
     /// Keep the newest this many checkpoints, deleting older ones (default 3, at least 1).
     #[serde(default = "d_keep")]
     pub keep_last: usize,
+    /// After the last step, also write the model as a Hugging Face directory,
+    /// `output_dir/final/` (weights in transformers' layout plus the configuration, tokenizer
+    /// and processor files of `model.dir`), which `kosmos generate --model` and transformers'
+    /// `from_pretrained` load (default true).
+    #[serde(default = "d_true")]
+    pub export_final: bool,
 }
 
 impl Default for CheckpointConfig {
@@ -162,6 +168,7 @@ impl Default for CheckpointConfig {
         Self {
             every: 0,
             keep_last: d_keep(),
+            export_final: true,
         }
     }
 }

@@ -21,8 +21,8 @@ pub mod data;
 pub mod error;
 pub mod metrics;
 pub mod optim;
-pub mod shapes;
 pub mod schedule;
+pub mod shapes;
 pub mod trainer;
 
 pub use config::TrainConfig;

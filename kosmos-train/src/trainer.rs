@@ -427,6 +427,14 @@ impl<B: AutodiffBackend> Trainer<B> {
         Ok(path)
     }
 
+    /// Write the current model as a Hugging Face directory at `output_dir/final/` (see
+    /// [`crate::config::CheckpointConfig::export_final`]); returns its path.
+    pub fn export_final(&self) -> Result<PathBuf, TrainError> {
+        let out = self.config.output_dir.join("final");
+        self.model.save_pretrained(&out, &self.config.model.dir)?;
+        Ok(out)
+    }
+
     /// Train to the configured number of steps.
     pub fn run(&mut self) -> Result<RunSummary, TrainError> {
         self.run_until(self.config.steps)
@@ -463,6 +471,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             let every = self.config.checkpoint.every;
             if final_step || (every > 0 && s % every == 0) {
                 self.save_checkpoint()?;
+            }
+            if final_step && self.config.checkpoint.export_final {
+                self.export_final()?;
             }
             summary.steps.push(m);
         }

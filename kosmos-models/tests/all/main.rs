@@ -6,6 +6,7 @@ mod kosmos2_parity;
 mod loading_errors;
 mod memory;
 mod processor;
+mod save;
 mod tokenizer;
 
 /// The default test backend.

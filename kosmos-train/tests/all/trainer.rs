@@ -157,6 +157,20 @@ fn tiny_model_loss_falls() {
     );
     assert_eq!(lines.len(), 13);
     assert!(lines[12].starts_with("12,"));
+
+    // The trained model was exported as a Hugging Face directory that loads back to the same
+    // logits.
+    use burn::module::AutodiffModule;
+    let final_dir = trainer.config().output_dir.join("final");
+    let exported = Kosmos2::<TB>::from_pretrained(&final_dir, &Default::default()).unwrap();
+    let trained = trainer.model().clone().valid();
+    let ids = Tensor::<TB, 2, Int>::from_ints([[0, 7, 11, 4, 2]], &Default::default());
+    let a = trained.logits(trained.text_hidden(&ids, None, None, None).unwrap());
+    let b = exported.logits(exported.text_hidden(&ids, None, None, None).unwrap());
+    assert_eq!(a.into_data(), b.into_data());
+    for name in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+        assert!(final_dir.join(name).is_file(), "{name} not copied");
+    }
 }
 
 /// Four examples as two micro-batches of two rows and as one batch of four: the same loss and
