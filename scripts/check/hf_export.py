@@ -36,6 +36,9 @@ if problems:
     sys.exit(1)
 model.eval()
 processor = AutoProcessor.from_pretrained(model_dir)
+# transformers' processor always writes 64 image slots (processor_config.json's num_image_tokens
+# is not read); tiny models have fewer latent queries.
+processor.num_image_tokens = model.config.latent_query_num
 image = Image.open(image_path).convert("RGB")
 inputs = processor(text=prompt, images=image, return_tensors="pt")
 with torch.no_grad():
