@@ -196,13 +196,24 @@ impl<B: Backend> Kosmos2TextModel<B> {
 }
 
 impl<B: Backend> Kosmos2<B> {
-    /// Build a randomly initialised model from a configuration.
+    /// Build a randomly initialised model from a configuration. The token embedding (also the
+    /// tied output head) is drawn from `N(0, embed_dim^-1/2)`, as fairseq and torchscale
+    /// initialise it, so that the tied head's initial logits are of order one (Burn's default
+    /// `N(0, 1)` would give logits of order `sqrt(embed_dim)` and an initial loss in the
+    /// hundreds); the decoder uses PyTorch's default `Linear` initialisation (see
+    /// `DecoderConfig::init_magneto` for MAGNETO's).
     pub fn new(config: &Kosmos2Config, device: &B::Device) -> Self {
         let t = &config.text_config;
+        let embed_std = (t.embed_dim as f64).powf(-0.5);
         Kosmos2 {
             text_model: Kosmos2TextForCausalLm {
                 model: Kosmos2TextModel {
-                    embed_tokens: EmbeddingConfig::new(t.vocab_size, t.embed_dim).init(device),
+                    embed_tokens: EmbeddingConfig::new(t.vocab_size, t.embed_dim)
+                        .with_initializer(burn::nn::Initializer::Normal {
+                            mean: 0.0,
+                            std: embed_std,
+                        })
+                        .init(device),
                     decoder: config.decoder().init(device),
                     positions: SinusoidalPositionsConfig::new(t.embed_dim)
                         .with_padding_idx(t.pad_token_id as usize)
@@ -217,6 +228,10 @@ impl<B: Backend> Kosmos2<B> {
                 lm_head: (!t.tie_word_embeddings).then(|| {
                     LinearConfig::new(t.embed_dim, t.vocab_size)
                         .with_bias(false)
+                        .with_initializer(burn::nn::Initializer::Normal {
+                            mean: 0.0,
+                            std: embed_std,
+                        })
                         .init(device)
                 }),
             },
