@@ -340,15 +340,21 @@ impl<B: Backend> Kosmos2<B> {
     }
 
     /// Logits from decoder hidden states (tied head unless the checkpoint has its own).
+    ///
+    /// The rows are flattened to `[batch * len, embed]` first: Burn 0.21's flex multiplies a
+    /// rank-3 input by the tied head's transposed `[embed, vocab]` view through its batched path,
+    /// which copies the whole vocabulary matrix on every call (206 ms per decode step for
+    /// KOSMOS-2's 65,037 x 512 head on this machine's 2 cores, against 18.7 ms flattened;
+    /// `benches` `kosmos-compare --breakdown` times the head).
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
-        match &self.text_model.lm_head {
-            Some(head) => head.forward(hidden),
-            None => linear(
-                hidden,
-                self.text_model.model.embed_tokens.weight.val().transpose(),
-                None,
-            ),
-        }
+        let [b, t, e] = hidden.dims();
+        let rows = hidden.reshape([b * t, e]);
+        let logits = match &self.text_model.lm_head {
+            Some(head) => head.forward(rows),
+            None => linear(rows, self.text_model.model.embed_tokens.weight.val().transpose(), None),
+        };
+        let vocab = logits.dims()[1];
+        logits.reshape([b, t, vocab])
     }
 
     /// Full forward pass (`model(...)` in transformers): image embeddings, text decoder, logits
