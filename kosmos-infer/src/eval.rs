@@ -25,6 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use kosmos_models::grounding::BoxXyxy;
+pub use kosmos_models::grounding::iou;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -269,16 +270,6 @@ pub fn read_grounding(path: &Path, image_dir: &Path) -> Result<Vec<GroundingSamp
         });
     }
     Ok(out)
-}
-
-/// Intersection over union of two `xyxy` boxes (0 when the union is empty).
-pub fn iou(a: BoxXyxy, b: BoxXyxy) -> f64 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    let area = |r: BoxXyxy| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
 }
 
 /// Whether a prediction hits any of the ground-truth boxes at IoU >= `threshold` (a missing

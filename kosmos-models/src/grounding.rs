@@ -71,6 +71,16 @@ pub fn patch_index_to_coordinate(ul: i64, lr: i64, grid: usize) -> BoxXyxy {
     }
 }
 
+/// Intersection over union of two `xyxy` boxes (0 when the union is empty).
+pub fn iou(a: BoxXyxy, b: BoxXyxy) -> f64 {
+    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
+    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
+    let inter = iw * ih;
+    let area = |r: BoxXyxy| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
+    let union = area(a) + area(b) - inter;
+    if union > 0.0 { inter / union } else { 0.0 }
+}
+
 /// The location token of a cell, `<patch_index_0044>` (zero-padded to 4 digits).
 pub fn patch_index_token(index: i64) -> String {
     if index < 0 {

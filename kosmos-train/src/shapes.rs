@@ -32,6 +32,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::{Rgb, RgbImage};
+pub use kosmos_models::grounding::iou;
 use kosmos_models::grounding::{BoxXyxy, coordinate_to_patch_index, patch_index_to_coordinate};
 use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{Rng, SeedableRng};
@@ -596,16 +597,6 @@ pub struct CodecCeiling {
     pub mean_iou: f64,
     /// Smallest IoU of the round trip.
     pub min_iou: f64,
-}
-
-/// Intersection over union of two `xyxy` boxes (0 when either is empty).
-pub fn iou(a: BoxXyxy, b: BoxXyxy) -> f64 {
-    let iw = (a[2].min(b[2]) - a[0].max(b[0])).max(0.0);
-    let ih = (a[3].min(b[3]) - a[1].max(b[1])).max(0.0);
-    let inter = iw * ih;
-    let area = |r: BoxXyxy| (r[2] - r[0]).max(0.0) * (r[3] - r[1]).max(0.0);
-    let union = area(a) + area(b) - inter;
-    if union > 0.0 { inter / union } else { 0.0 }
 }
 
 /// The codec's round trip of one box on a `grid x grid` grid.
