@@ -150,8 +150,6 @@ struct Sentence {
     id: i64,
     image: PathBuf,
     caption: String,
-    width: f64,
-    height: f64,
     raw: Value,
 }
 
@@ -177,8 +175,6 @@ fn read_annotations(path: &Path, image_dir: &Path) -> Result<Annotations, EvalEr
             id,
             image: image_dir.join(string(path, img, &what, "file_name")?),
             caption: string(path, img, &what, "caption")?,
-            width,
-            height,
             raw: img.clone(),
         });
     }
@@ -261,7 +257,6 @@ pub fn read_grounding(path: &Path, image_dir: &Path) -> Result<Vec<GroundingSamp
                 phrases.push(GroundingPhrase { span: first, boxes: gt });
             }
         }
-        let _ = (s.width, s.height);
         out.push(GroundingSample {
             id: s.id,
             image: s.image,

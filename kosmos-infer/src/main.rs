@@ -288,18 +288,7 @@ fn run(command: Command) -> Result<(), String> {
 }
 
 fn main() -> ExitCode {
-    // One line on stderr, never a backtrace, for failures that surface as panics (a GPU driver
-    // missing, an allocation failure).
-    std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown failure".into());
-        let first = message.lines().next().unwrap_or_default();
-        eprintln!("error: internal failure: {first}");
-    }));
+    kosmos_infer::install_panic_hook();
     let cli = Cli::parse();
     match std::panic::catch_unwind(|| run(cli.command)) {
         Ok(Ok(())) => ExitCode::SUCCESS,

@@ -541,21 +541,20 @@ pub fn referring_expressions(scene: &Scene, rng: &mut impl Rng) -> Vec<RefExp> {
                 .map(|(_, s)| s)
                 .collect();
             let (tx, ty) = target.centre();
-            let mut options: Vec<&str> = Vec::new();
-            for (word, beats) in [
-                ("left", &|o: &Shape, m: f64| tx + m <= o.centre().0),
-                ("right", &|o: &Shape, m: f64| tx >= o.centre().0 + m),
-                ("top", &|o: &Shape, m: f64| ty + m <= o.centre().1),
-                ("bottom", &|o: &Shape, m: f64| ty >= o.centre().1 + m),
-            ] as [(&str, &dyn Fn(&Shape, f64) -> bool); 4]
-            {
-                if others
-                    .iter()
-                    .all(|o| beats(o, target.pixels[2].max(o.pixels[2]) as f64 / 4.0))
-                {
-                    options.push(word);
+            let beats = |word: &str, o: &Shape| {
+                let m = target.pixels[2].max(o.pixels[2]) as f64 / 4.0;
+                let (ox, oy) = o.centre();
+                match word {
+                    "left" => tx + m <= ox,
+                    "right" => tx >= ox + m,
+                    "top" => ty + m <= oy,
+                    _ => ty >= oy + m,
                 }
-            }
+            };
+            let options: Vec<&str> = ["left", "right", "top", "bottom"]
+                .into_iter()
+                .filter(|word| others.iter().all(|o| beats(word, o)))
+                .collect();
             options.choose(rng).map(|w| format!("the {w} {desc}"))
         } else {
             None
@@ -698,10 +697,6 @@ fn write_json(path: PathBuf, v: &impl Serialize) -> Result<(), ShapesError> {
     fs::write(&path, text).map_err(|source| ShapesError::Io { path, source })
 }
 
-fn xywh_pixels(s: &Shape) -> [u32; 4] {
-    s.pixels
-}
-
 /// Write the data set under `out` (see the module documentation for the files).
 pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary, ShapesError> {
     config.validate()?;
@@ -752,7 +747,7 @@ pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary,
             "tokens_positive_eval": spans.iter().map(|&(a, b)| json!([[a, b]])).collect::<Vec<_>>(),
         }));
         for (phrase_id, (&(a, b), s)) in spans.iter().zip(&scene.shapes).enumerate() {
-            let [x, y, bw, bh] = xywh_pixels(s);
+            let [x, y, bw, bh] = s.pixels;
             fl_anns.push(json!({
                 "id": fl_anns.len(), "image_id": sentence_id, "bbox": [x, y, bw, bh],
                 "area": bw * bh, "iscrowd": 0, "category_id": 1,
@@ -789,7 +784,7 @@ pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary,
                 "id": id, "file_name": file, "width": w, "height": h, "caption": r.text,
                 "original_img_id": index, "needs_relation": r.needs_relation,
             }));
-            let [x, y, bw, bh] = xywh_pixels(&scene.shapes[r.target]);
+            let [x, y, bw, bh] = scene.shapes[r.target].pixels;
             ref_anns.push(json!({
                 "id": id, "image_id": id, "bbox": [x, y, bw, bh], "area": bw * bh,
                 "iscrowd": 0, "category_id": 1,

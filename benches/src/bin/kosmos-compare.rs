@@ -379,18 +379,7 @@ impl BackendTask for Compare {
 
 fn main() -> ExitCode {
     // One line on stderr, never a backtrace.
-    std::panic::set_hook(Box::new(|info| {
-        let message = info
-            .payload()
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| info.payload().downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown failure".into());
-        eprintln!(
-            "error: internal failure: {}",
-            message.lines().next().unwrap_or_default()
-        );
-    }));
+    kosmos_infer::install_panic_hook();
     let cli = Cli::parse();
     let result = std::panic::catch_unwind(move || -> Result<(), String> {
         if cli.new_tokens == 0 {

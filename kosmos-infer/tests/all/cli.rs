@@ -12,7 +12,8 @@ fn fixture() -> Fixture {
     Fixture::open("generate")
 }
 
-fn kosmos(args: &[&str]) -> Output {
+/// Run the `kosmos` binary (shared by the CLI tests of this test binary).
+pub fn kosmos(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kosmos"))
         .args(args)
         .env("XDG_RUNTIME_DIR", std::env::temp_dir())

@@ -3,10 +3,11 @@
 //! to end on the fixture model.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use kosmos_infer::eval::{Score, iou, phrase_grounding_prompt, read_grounding, read_refexp, refexp_prompt};
 use serde_json::{Value, json};
+
+use crate::cli::kosmos;
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kosmos-eval-{}-{name}", std::process::id()));
@@ -177,14 +178,6 @@ fn malformed_files_name_the_entry_and_field() {
     std::fs::write(d.join("notjson.json"), "{").unwrap();
     let err = read_grounding(&d.join("notjson.json"), &d).unwrap_err().to_string();
     assert!(err.contains("not JSON"), "{err}");
-}
-
-fn kosmos(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_kosmos"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("run kosmos")
 }
 
 /// `kosmos data shapes` then `kosmos eval` on the (untrained) fixture model: the reports are

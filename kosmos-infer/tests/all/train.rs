@@ -2,18 +2,11 @@
 //! run as 2 steps, a stop and `--resume` (same losses), plus configuration errors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 
 use kosmos_core::testing::repo_root;
-use serde_json::Value;
 
-fn kosmos(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_kosmos"))
-        .args(args)
-        .env("XDG_RUNTIME_DIR", std::env::temp_dir())
-        .output()
-        .expect("run kosmos")
-}
+use crate::cli::kosmos;
+use serde_json::Value;
 
 fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("kosmos-cli-train-{}-{name}", std::process::id()));
@@ -63,7 +56,7 @@ image_root = "{data}"
     path
 }
 
-fn ok(out: &Output) -> String {
+fn ok(out: &std::process::Output) -> String {
     assert!(
         out.status.success(),
         "kosmos train failed: {}",
