@@ -23,9 +23,10 @@ use crate::pipeline::{Answer, Answers, Kosmos2Pipeline, Request, check_model_dir
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
     /// A local Hugging Face model directory (config.json, model.safetensors, tokenizer.json,
-    /// preprocessor_config.json); with the `hub` feature also a hub repository id.
+    /// preprocessor_config.json); with the `hub` feature also a hub repository id. Default (or
+    /// `builtin`): the tiny shapes-world model compiled into this binary.
     #[arg(long, value_name = "DIR")]
-    pub model: String,
+    pub model: Option<String>,
     /// Backend and device: flex, ndarray, wgpu, cuda (optionally `cuda:1`). Default: the first
     /// compiled CPU backend.
     #[arg(long)]
@@ -312,8 +313,15 @@ fn annotate_path(base: &Path, index: usize, count: usize) -> PathBuf {
     base.with_file_name(name)
 }
 
-/// Resolve `--model`: a local directory, or (with the `hub` feature) a hub repository id.
-pub fn resolve_model(model: &str) -> Result<PathBuf, String> {
+/// Resolve `--model`: none or `builtin` is the embedded shapes-world model
+/// ([`crate::builtin`]), otherwise a local directory or (with the `hub` feature) a hub
+/// repository id.
+pub fn resolve_model(model: Option<&str>) -> Result<PathBuf, String> {
+    let model = match model {
+        None => return crate::builtin::model_dir(),
+        Some(m) if m == crate::builtin::BUILTIN_NAME && !Path::new(m).exists() => return crate::builtin::model_dir(),
+        Some(m) => m,
+    };
     let path = PathBuf::from(model);
     if path.exists() {
         return Ok(path);
@@ -356,7 +364,7 @@ impl Job {
     pub fn run(self) -> Result<(), String> {
         let device = self.model.device.clone().unwrap_or_else(default_device);
         // Cheap checks first: the model directory and every image, before loading weights.
-        let dir = resolve_model(&self.model.model)?;
+        let dir = resolve_model(self.model.model.as_deref())?;
         check_model_dir(&dir).map_err(|e| e.to_string())?;
         let images = self
             .images

@@ -469,7 +469,7 @@ impl EvalJob {
             .device
             .clone()
             .unwrap_or_else(crate::commands::default_device);
-        let dir = crate::commands::resolve_model(&self.model.model)?;
+        let dir = crate::commands::resolve_model(self.model.model.as_deref())?;
         crate::pipeline::check_model_dir(&dir).map_err(|e| e.to_string())?;
         if self.batch == 0 {
             return Err("--batch must be at least 1".into());

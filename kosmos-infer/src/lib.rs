@@ -4,6 +4,7 @@
 //! (`kosmos train` runs `kosmos-train`'s trainer).
 
 pub mod annotate;
+pub mod builtin;
 pub mod commands;
 pub mod eval;
 mod font;

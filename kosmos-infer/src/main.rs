@@ -168,6 +168,32 @@ enum Command {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Export a training checkpoint as a Hugging Face model directory (config.json,
+    /// model.safetensors, tokenizer and processor files).
+    Export {
+        /// A checkpoint directory, a run's `checkpoints/` directory or the run directory (the
+        /// newest checkpoint).
+        #[arg(long, value_name = "DIR")]
+        checkpoint: PathBuf,
+        /// The model directory to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Backend and device that load the weights (default: the first compiled CPU backend).
+        #[arg(long)]
+        device: Option<String>,
+    },
+    /// Draw a run's loss curve as an SVG picture (from its `metrics.jsonl`).
+    Plot {
+        /// The run directory (its `metrics.jsonl`) or the metrics file itself.
+        #[arg(long, value_name = "RUN_DIR|metrics.jsonl")]
+        run: PathBuf,
+        /// Where to write the picture.
+        #[arg(long, value_name = "FILE.svg")]
+        out: PathBuf,
+        /// The title above the plot.
+        #[arg(long, default_value = "training loss")]
+        title: String,
+    },
     /// Train from a TOML configuration, or continue a run from its checkpoint.
     Train {
         /// The training configuration (see the book's training chapter).
@@ -210,6 +236,15 @@ fn run(command: Command) -> Result<(), String> {
                     json,
                 },
         } => return data_shapes(n, seed, &out, config.as_deref(), grid, json),
+        Command::Plot { run, out, title } => return train::plot(&run, &out, &title),
+        Command::Export {
+            checkpoint,
+            out,
+            device,
+        } => {
+            let device = device.unwrap_or_else(kosmos_infer::commands::default_device);
+            return train::export(&checkpoint, &out, &device);
+        }
         Command::Train {
             config,
             resume,

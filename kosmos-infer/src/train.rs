@@ -37,3 +37,50 @@ pub fn run(
     }
     Ok(out)
 }
+
+/// `kosmos plot`: the loss curve of a run (`run` is the run directory or its `metrics.jsonl`)
+/// as an SVG picture at `out`.
+pub fn plot(run: &Path, out: &Path, title: &str) -> Result<(), String> {
+    use kosmos_train::metrics::StepMetrics;
+    use kosmos_train::plot::{PlotOptions, loss_curve_svg};
+    let path = if run.is_dir() {
+        run.join("metrics.jsonl")
+    } else {
+        run.to_path_buf()
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("`{}`: {e}", path.display()))?;
+    let mut steps = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let m: StepMetrics =
+            serde_json::from_str(line).map_err(|e| format!("`{}` line {}: {e}", path.display(), i + 1))?;
+        steps.push(m);
+    }
+    let options = PlotOptions {
+        title: title.to_string(),
+        ..PlotOptions::default()
+    };
+    let svg = loss_curve_svg(&steps, &options)
+        .ok_or_else(|| format!("`{}`: no step with a finite loss to plot", path.display()))?;
+    std::fs::write(out, svg).map_err(|e| format!("`{}`: {e}", out.display()))?;
+    eprintln!("wrote the loss curve of {} steps to {}", steps.len(), out.display());
+    Ok(())
+}
+
+/// `kosmos export`: the model of a checkpoint as a Hugging Face directory.
+pub fn export(checkpoint: &Path, out: &Path, device: &str) -> Result<(), String> {
+    struct Export<'a>(&'a Path, &'a Path);
+    impl kosmos_core::backend::BackendTask for Export<'_> {
+        type Output = Result<std::path::PathBuf, kosmos_train::TrainError>;
+        fn run<B: burn::prelude::Backend>(self, device: B::Device) -> Self::Output {
+            kosmos_train::trainer::export_checkpoint::<B>(self.0, self.1, &device)
+        }
+    }
+    let step_dir = kosmos_core::backend::run_task(device, Export(checkpoint, out))
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    eprintln!("exported {} to {}", step_dir.display(), out.display());
+    Ok(())
+}

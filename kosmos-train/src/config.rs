@@ -60,6 +60,60 @@ pub struct ModelConfig {
     /// train). Frozen parameters get no gradient, no optimizer state and no update.
     #[serde(default = "default_freeze")]
     pub freeze_vision: VisionFreeze,
+    /// How the location tokens' embedding rows start with `init = "scratch"`: `"random"` (the
+    /// default, like every other row) or `"sincos2d"` (Fourier features of the cell's column
+    /// and row, see [`crate::location_init`]). Ignored for pretrained weights.
+    #[serde(default, skip_serializing_if = "LocationInit::is_random")]
+    pub location_init: LocationInit,
+    /// How the CLIP tower's position embeddings start with `init = "scratch"`: `"random"` (the
+    /// default, N(0, 1)) or `"sincos2d"` (Fourier features of each patch's column and row,
+    /// zero for the class position; see [`crate::location_init::init_vision_positions`]).
+    #[serde(default, skip_serializing_if = "LocationInit::is_random")]
+    pub vision_position_init: LocationInit,
+    /// How the image-to-text projection starts with `init = "scratch"`: `"random"` (the
+    /// default: latent queries N(0, 1), the dense layer at Burn's default) or `"balanced"` (the
+    /// projected image features at the latent queries' scale, see
+    /// [`crate::location_init::balance_projection`]).
+    #[serde(default, skip_serializing_if = "ProjectionInit::is_random")]
+    pub projection_init: ProjectionInit,
+}
+
+/// How the image-to-text projection starts in a model trained from scratch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProjectionInit {
+    /// Latent queries N(0, 1), the dense layer at Burn's default.
+    #[default]
+    Random,
+    /// Latent queries and the dense layer N(0, 1), no bias
+    /// ([`crate::location_init::balance_projection`]).
+    Balanced,
+}
+
+impl ProjectionInit {
+    fn is_random(&self) -> bool {
+        *self == Self::Random
+    }
+}
+
+/// How the location tokens' embedding rows (or the vision position embeddings) start in a model
+/// trained from scratch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LocationInit {
+    /// Random, like the other rows (N(0, d^-1/2)).
+    #[default]
+    Random,
+    /// 2D sinusoidal features of the cell's column and row ([`crate::location_init`]), so that
+    /// neighbouring cells start with similar embeddings (and, with the tied head, similar
+    /// logits).
+    Sincos2d,
+}
+
+impl LocationInit {
+    fn is_random(&self) -> bool {
+        *self == Self::Random
+    }
 }
 
 fn default_freeze() -> VisionFreeze {
@@ -83,6 +137,11 @@ fn d_clip() -> f64 {
 }
 fn d_one() -> usize {
     1
+}
+// Settings added after the first release are left out of the serialised configuration at their
+// defaults, so that the run hash of an older run's checkpoint stays the same.
+fn is_one(v: &usize) -> bool {
+    *v == 1
 }
 fn d_one_u64() -> u64 {
     1
@@ -223,6 +282,12 @@ pub struct TrainConfig {
     /// tokens of its micro-batches (see [`crate::trainer::accumulate_gradients`]).
     #[serde(default = "d_one")]
     pub grad_accumulation: usize,
+    /// Micro-batches computed at the same time, each on its own thread with its own replica of
+    /// the model (default 1; see [`crate::trainer::accumulate_gradients_parallel`]). Data
+    /// parallelism on one device: on a CPU whose cores a small model leaves idle, set it to the
+    /// number of cores and split the batch into that many micro-batches (`grad_accumulation`).
+    #[serde(default = "d_one", skip_serializing_if = "is_one")]
+    pub parallel_micro_batches: usize,
     /// Base seed: scratch initialisation and the per-step seeds (`step_seed(seed, step)`); the
     /// data order has its own `data.seed`.
     #[serde(default)]
@@ -297,6 +362,9 @@ impl TrainConfig {
         }
         if self.batch_size == 0 {
             return bad("batch_size", ">= 1", "0".into());
+        }
+        if self.parallel_micro_batches == 0 {
+            return bad("parallel_micro_batches", ">= 1", "0".into());
         }
         if self.grad_accumulation == 0 {
             return bad("grad_accumulation", ">= 1", "0".into());

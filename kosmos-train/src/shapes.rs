@@ -195,7 +195,7 @@ pub struct Scene {
     pub height: u32,
     /// The background.
     pub background: Background,
-    /// The shapes, in drawing order (they never overlap).
+    /// The shapes, left to right by centre (they never overlap).
     pub shapes: Vec<Shape>,
 }
 
@@ -392,6 +392,9 @@ pub fn scene(config: &ShapesConfig, index: usize) -> Scene {
     for s in &mut shapes {
         s.small = (s.pixels[2] as f64) < 0.6 * largest as f64;
     }
+    // Left to right (by centre, then top to bottom): a caption that repeats a phrase names the
+    // shapes in reading order, so its phrases can be grounded from the text alone.
+    shapes.sort_by_key(|s| (2 * s.pixels[0] + s.pixels[2], 2 * s.pixels[1] + s.pixels[3]));
     Scene {
         width,
         height,

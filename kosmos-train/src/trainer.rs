@@ -44,22 +44,25 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper};
+use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use kosmos_core::backend::AutodiffTask;
+use kosmos_models::grounding::patch_index_token;
 use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss};
+use kosmos_models::processor::Kosmos2Processor;
 use kosmos_models::{Kosmos2, Kosmos2Config, Kosmos2Input};
 use kosmos_vision::freeze::freeze_vision;
 
 use crate::checkpoint::{self, RngState, TrainState, step_seed};
 use crate::clip::{clip_grad_norm, global_grad_norm};
-use crate::config::{ModelInit, TrainConfig};
+use crate::config::{LocationInit, ModelInit, ProjectionInit, TrainConfig};
 use crate::data::{Batch, CollateConfig, Collator, DataConfig, DataLoader};
 use crate::error::TrainError;
+use crate::location_init::{balance_projection, init_location_embeddings, init_vision_positions};
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::optim::AdamWConfig;
 use crate::schedule::LrSchedule;
@@ -132,17 +135,35 @@ pub fn accumulate_gradients<B: AutodiffBackend>(
     device: &B::Device,
     step: u64,
 ) -> Result<Accumulated, TrainError> {
+    accumulate_gradients_parallel(model, batches, device, step, 1)
+}
+
+/// [`accumulate_gradients`] with up to `threads` micro-batches computed at the same time, each
+/// on its own thread with its own replica of the model ([`fork`]): data parallelism on one
+/// device, for CPU backends whose kernels leave cores idle on small models. The gradients are
+/// summed in micro-batch order whatever thread finishes first, so a run is reproducible for a
+/// given `threads`; the result equals the sequential one up to float rounding.
+pub fn accumulate_gradients_parallel<B: AutodiffBackend>(
+    model: &Kosmos2<B>,
+    batches: &[Batch],
+    device: &B::Device,
+    step: u64,
+    threads: usize,
+) -> Result<Accumulated, TrainError> {
     let counts: Vec<u64> = batches.iter().map(scored_tokens).collect();
     let total: u64 = counts.iter().sum();
     let tokens = batches.iter().map(input_tokens).sum();
     let mut accumulator = GradientsAccumulator::<Kosmos2<B>>::new();
     let mut loss = 0.0;
-    for (batch, &n) in batches.iter().zip(&counts) {
-        if n == 0 {
-            continue;
-        }
-        let share = n as f64 / total as f64;
-        let l = batch_loss(model, batch, device)?;
+    let work: Vec<(&Batch, f64)> = batches
+        .iter()
+        .zip(&counts)
+        .filter(|(_, n)| **n > 0)
+        .map(|(b, &n)| (b, n as f64 / total as f64))
+        .collect();
+    // One micro-batch: its loss value and the gradients of `loss * share` for `replica`.
+    let one = |replica: &Kosmos2<B>, batch: &Batch, share: f64| -> Result<(f64, GradientsParams), TrainError> {
+        let l = batch_loss(replica, batch, device)?;
         let value: f64 = l.clone().into_scalar().elem();
         if !value.is_finite() {
             return Err(TrainError::NonFinite {
@@ -152,9 +173,33 @@ pub fn accumulate_gradients<B: AutodiffBackend>(
                 last_checkpoint: None,
             });
         }
-        loss += value * share;
-        let grads = GradientsParams::from_grads(l.mul_scalar(share).backward(), model);
-        accumulator.accumulate(model, grads);
+        Ok((
+            value,
+            GradientsParams::from_grads(l.mul_scalar(share).backward(), replica),
+        ))
+    };
+    for chunk in work.chunks(threads.max(1)) {
+        let results: Vec<Result<(f64, GradientsParams), TrainError>> = if chunk.len() == 1 {
+            vec![one(model, chunk[0].0, chunk[0].1)]
+        } else {
+            let replicas: Vec<Kosmos2<B>> = chunk.iter().map(|_| fork(model)).collect();
+            std::thread::scope(|scope| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .zip(&replicas)
+                    .map(|(&(batch, share), replica)| scope.spawn(move || one(replica, batch, share)))
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                    .collect()
+            })
+        };
+        for (&(_, share), r) in chunk.iter().zip(results) {
+            let (value, grads) = r?;
+            loss += value * share;
+            accumulator.accumulate(model, grads);
+        }
     }
     Ok(Accumulated {
         loss,
@@ -164,9 +209,76 @@ pub fn accumulate_gradients<B: AutodiffBackend>(
     })
 }
 
+/// A replica of `model` for another thread: the same parameter ids and values, but fresh
+/// autodiff nodes, so that its forward pass builds a graph of its own (Burn's autodiff merges
+/// graphs that share a node and runs their backward passes under one lock).
+pub fn fork<B: AutodiffBackend>(model: &Kosmos2<B>) -> Kosmos2<B> {
+    model.clone().map(&mut Fork)
+}
+
+struct Fork;
+impl<B: AutodiffBackend> ModuleMapper<B> for Fork {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<B, D>>) -> Param<Tensor<B, D>> {
+        let (id, tensor, mapper) = param.consume();
+        let tracked = tensor.is_require_grad();
+        let tensor = tensor.detach();
+        Param::from_mapped_value(id, if tracked { tensor.require_grad() } else { tensor }, mapper)
+    }
+}
+
 /// Forces Burn's lazily initialised parameters (so that clones share values).
 struct Materialize;
 impl<B: Backend> ModuleMapper<B> for Materialize {}
+
+/// The first location token's id and the grid side, from the model directory's tokenizer; the
+/// `grid * grid` location tokens must have consecutive ids inside the vocabulary.
+fn location_rows(model_dir: &Path, model_config: &Kosmos2Config) -> Result<(usize, usize), TrainError> {
+    let path = model_dir.join("tokenizer.json");
+    let bad = |message: String| TrainError::Config {
+        path: path.clone(),
+        message,
+    };
+    let processor =
+        Kosmos2Processor::from_dir(model_dir, model_config.latent_query_num).map_err(|e| bad(e.to_string()))?;
+    let grid = processor.grid();
+    let tokenizer = processor.tokenizer();
+    let first = tokenizer.token_to_id(&patch_index_token(0)).ok_or_else(|| {
+        bad("location_init = \"sincos2d\" needs location tokens, and there is no <patch_index_0000>".into())
+    })? as usize;
+    for i in 0..grid * grid {
+        let token = patch_index_token(i as i64);
+        if tokenizer.token_to_id(&token) != Some((first + i) as u32) {
+            return Err(bad(format!(
+                "location_init = \"sincos2d\" needs consecutive ids for the location tokens, and {token} is not id {}",
+                first + i
+            )));
+        }
+    }
+    let vocab = model_config.text_config.vocab_size;
+    if first + grid * grid > vocab {
+        return Err(bad(format!(
+            "the location tokens end at id {} beyond the model's vocab_size {vocab}",
+            first + grid * grid - 1
+        )));
+    }
+    Ok((first, grid))
+}
+
+/// Export the model of a checkpoint in the Hugging Face layout (what the trainer writes to
+/// `output_dir/final/` after the last step): `dir` is a checkpoint directory, a run's
+/// `checkpoints/` directory or the run directory (then the newest checkpoint). The tokenizer and
+/// processor files come from the run's `model.dir`. Returns the checkpoint exported.
+pub fn export_checkpoint<B: Backend>(dir: &Path, out: &Path, device: &B::Device) -> Result<PathBuf, TrainError> {
+    let step_dir = checkpoint::resolve(dir)?;
+    let (_, config) = checkpoint::read(&step_dir)?;
+    let model_config = Kosmos2Config::from_json_file(config.model.dir.join("config.json"))
+        .map_err(kosmos_models::Kosmos2Error::from)?;
+    let model = Kosmos2::<B>::new(&model_config, device)
+        .load_file(step_dir.join("model"), &FileRecorder::new(), device)
+        .map_err(|e| TrainError::checkpoint(&step_dir.join("model.mpk"), e.to_string()))?;
+    model.save_pretrained(out, &config.model.dir)?;
+    Ok(step_dir)
+}
 
 /// The loader of a data configuration with the model's tokenizer and image processor.
 fn loader(model_dir: &Path, latents: usize, data: &DataConfig) -> Result<DataLoader, TrainError> {
@@ -220,7 +332,22 @@ impl<B: AutodiffBackend> Trainer<B> {
             ModelInit::Scratch => {
                 let mut model = Kosmos2::<B>::new(&model_config, &device);
                 model.text_model.model.decoder = model_config.decoder().init_magneto(&device);
-                model
+                let model = match config.model.location_init {
+                    LocationInit::Random => model,
+                    LocationInit::Sincos2d => {
+                        let (first, grid) = location_rows(&config.model.dir, &model_config)?;
+                        let std = (model_config.text_config.embed_dim as f32).powf(-0.5);
+                        init_location_embeddings(model, first, grid, std)
+                    }
+                };
+                let model = match config.model.vision_position_init {
+                    LocationInit::Random => model,
+                    LocationInit::Sincos2d => init_vision_positions(model),
+                };
+                match config.model.projection_init {
+                    ProjectionInit::Random => model,
+                    ProjectionInit::Balanced => balance_projection(model),
+                }
             }
         }
         .map(&mut Materialize);
@@ -348,10 +475,12 @@ impl<B: AutodiffBackend> Trainer<B> {
             value,
             last_checkpoint: last.clone(),
         };
-        let acc = accumulate_gradients(&self.model, &batches, &self.device, step).map_err(|e| match e {
-            TrainError::NonFinite { value, .. } => non_finite("loss", value, &self.last_checkpoint),
-            e => e,
-        })?;
+        let threads = self.config.parallel_micro_batches;
+        let acc =
+            accumulate_gradients_parallel(&self.model, &batches, &self.device, step, threads).map_err(|e| match e {
+                TrainError::NonFinite { value, .. } => non_finite("loss", value, &self.last_checkpoint),
+                e => e,
+            })?;
         let (grads, grad_norm) = if self.config.optim.max_grad_norm > 0.0 {
             clip_grad_norm::<B, _>(&self.model, acc.grads, self.config.optim.max_grad_norm)
         } else {

@@ -94,6 +94,8 @@ def parse_args():
     p.add_argument("--devices", default="flex", help="our backends, comma-separated (flex, ndarray)")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda (then compare "
+                   "with `--devices cuda`; timings synchronise the GPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=["fused", "explicit"], default="fused", help="our attention kernel")
     p.add_argument("--breakdown", action="store_true", help="also time decoder and head apart")
@@ -103,6 +105,8 @@ def parse_args():
     a = p.parse_args()
     if a.repeats < 1 or a.new_tokens < 2:
         p.error("--repeats must be >= 1 and --new-tokens >= 2")
+    if a.torch_device != "cpu" and a.breakdown:
+        p.error("--breakdown times transformers on the CPU only")
     return a
 
 
@@ -159,6 +163,13 @@ def prepare(args):
 # ------------------------------------------------------------------------------------------------------------------
 # the reference
 # ------------------------------------------------------------------------------------------------------------------
+def now_synced():
+    """`time.perf_counter()` after the GPU (if any) finished its queued work."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 class Stamp(LogitsProcessor):
     """Records when each step's logits reach the logits processors (and changes nothing)."""
 
@@ -166,14 +177,15 @@ class Stamp(LogitsProcessor):
         self.times = []
 
     def __call__(self, input_ids, scores):
-        self.times.append(time.perf_counter())
+        self.times.append(now_synced())
         return scores
 
 
 class Reference:
-    def __init__(self, model_dir, inputs, new_tokens, breakdown):
-        self.model = Kosmos2ForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager").eval()
-        self.inputs = inputs
+    def __init__(self, model_dir, inputs, new_tokens, breakdown, device="cpu"):
+        self.model = Kosmos2ForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager")
+        self.model = self.model.to(device).eval()
+        self.inputs = {k: v.to(device) for k, v in inputs.items()}
         self.new_tokens = new_tokens
         self.breakdown = breakdown
 
@@ -182,19 +194,19 @@ class Reference:
         m.set_attn_implementation(attn)
         rec = {}
         with torch.inference_mode():
-            t = time.perf_counter()
+            t = now_synced()
             embeds = m.get_image_features(x["pixel_values"]).pooler_output
-            rec["vision_s"] = time.perf_counter() - t
+            rec["vision_s"] = now_synced() - t
 
-            t = time.perf_counter()
+            t = now_synced()
             out = m(**x)
-            rec["forward_s"] = time.perf_counter() - t
+            rec["forward_s"] = now_synced() - t
             assert out.logits.shape[1] == x["input_ids"].shape[1]
             rec["last_logits_head"] = out.logits[0, -1, :LOGITS_CHECKED].tolist()
             del out
 
             stamp = Stamp()
-            t = time.perf_counter()
+            t = now_synced()
             seq = m.generate(**x, max_new_tokens=n, min_new_tokens=n, do_sample=False, num_beams=1, use_cache=True,
                              logits_processor=LogitsProcessorList([stamp]))
             if len(stamp.times) != n:
@@ -346,7 +358,7 @@ def main():
     model_dir, inputs_path = prepare(args)
     from safetensors.torch import load_file
     inputs = load_file(inputs_path)
-    ref = Reference(model_dir, inputs, args.new_tokens, args.breakdown)
+    ref = Reference(model_dir, inputs, args.new_tokens, args.breakdown, args.torch_device)
     ours = {}
     for d in devices:
         print(f"loading ours on {d} ...", file=sys.stderr)
@@ -379,6 +391,8 @@ def main():
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = (f"torch {torch.__version__}, transformers {importlib.metadata.version('transformers')}, "
                 f"python {platform.python_version()}")
+    if args.torch_device != "cpu":
+        versions += f"; transformers on {torch.cuda.get_device_name()}"
     print(f"\n## KOSMOS-2 {args.config} against transformers, {now}\n")
     print(f"- machine: {cpu_model()}, {os.cpu_count()} logical CPUs, {args.threads} threads on each side "
           f"(torch.set_num_threads, RAYON_NUM_THREADS); 1-minute load average {load_before:.1f} before, "

@@ -1,5 +1,6 @@
 //! Integration tests of kosmos-infer (one test binary for the crate).
 
+mod builtin;
 mod cli;
 mod eval;
 mod generation;

@@ -88,6 +88,39 @@ fn train_then_resume_is_the_same_run() {
     let all = losses(&run);
     assert_eq!(all.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![1, 2, 3, 4]);
 
+    // `kosmos export` of the last checkpoint writes what the trainer wrote to `final/`, and
+    // `kosmos plot` draws the run's four losses.
+    let exported = straight.join("exported");
+    ok(&kosmos(&[
+        "export",
+        "--checkpoint",
+        run.to_str().unwrap(),
+        "--out",
+        exported.to_str().unwrap(),
+    ]));
+    for name in [
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "preprocessor_config.json",
+    ] {
+        assert_eq!(
+            std::fs::read(exported.join(name)).unwrap(),
+            std::fs::read(run.join("final").join(name)).unwrap(),
+            "{name}"
+        );
+    }
+    let svg = straight.join("loss.svg");
+    ok(&kosmos(&[
+        "plot",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        svg.to_str().unwrap(),
+    ]));
+    let svg = std::fs::read_to_string(svg).unwrap();
+    assert!(svg.starts_with("<svg") && svg.matches(" L").count() >= 6, "{svg}");
+
     let split = dir("split");
     let config = write_config(&split);
     let config = config.to_str().unwrap();

@@ -55,6 +55,34 @@ fn shapes_fit_do_not_overlap_and_span_enough_cells() {
     assert!(counts[1..=4].iter().all(|&n| n > 20), "{counts:?}");
 }
 
+/// Shapes (and so the caption's phrases) run left to right by centre, top to bottom on ties: a
+/// caption that repeats a phrase names its shapes in reading order.
+#[test]
+fn shapes_run_left_to_right() {
+    let c = config(300);
+    let mut repeats = 0;
+    for i in 0..c.n {
+        let s = scene(&c, i);
+        let key = |sh: &kosmos_train::shapes::Shape| {
+            let [x, y, w, h] = sh.pixels;
+            (2 * x + w, 2 * y + h)
+        };
+        for pair in s.shapes.windows(2) {
+            assert!(
+                key(&pair[0]) <= key(&pair[1]),
+                "scene {i}: {:?} before {:?}",
+                pair[0],
+                pair[1]
+            );
+            repeats += usize::from(pair[0].description() == pair[1].description());
+        }
+    }
+    assert!(
+        repeats > 0,
+        "no scene lists two shapes of one description next to each other"
+    );
+}
+
 #[test]
 fn caption_spans_are_the_shape_phrases() {
     let c = config(50);

@@ -14,7 +14,7 @@ use kosmos_train::checkpoint;
 use kosmos_train::config::{MetricsFormat, ModelInit};
 use kosmos_train::data::{CollateConfig, Collator, DataLoader};
 use kosmos_train::metrics::StepMetrics;
-use kosmos_train::trainer::accumulate_gradients;
+use kosmos_train::trainer::{accumulate_gradients, accumulate_gradients_parallel, fork};
 use kosmos_train::{TrainConfig, TrainError, Trainer};
 use kosmos_vision::freeze::{VisionFreeze, freeze_vision};
 
@@ -209,6 +209,50 @@ fn accumulation_equals_one_batch_of_the_union() {
     assert_eq!(na, nb);
     assert!((a.loss - b.loss).abs() <= 1e-5);
     assert!(diff <= 1e-5, "gradients differ by {diff}");
+
+    // The same two micro-batches on two threads (replicas with their own autodiff graphs):
+    // the same loss and gradients, and the same again on a second call (reproducible).
+    let p = accumulate_gradients_parallel(&model, &micro, &device, 1, 2).unwrap();
+    let q = accumulate_gradients_parallel(&model, &micro, &device, 1, 2).unwrap();
+    let (gp, np) = grads(&model, &p.grads);
+    let (gq, _) = grads(&model, &q.grads);
+    let diff = max_diff(&gp, &ga);
+    eprintln!(
+        "two threads: loss {:.7}, max |grad diff| to sequential {diff:.2e}",
+        p.loss
+    );
+    assert_eq!(
+        np, na,
+        "every parameter with a gradient sequentially has one in parallel"
+    );
+    assert_eq!(p.scored_tokens, a.scored_tokens);
+    assert!((p.loss - a.loss).abs() <= 1e-6);
+    assert!(diff <= 1e-6, "parallel gradients differ by {diff}");
+    assert_eq!(max_diff(&gp, &gq), 0.0, "two parallel calls differ");
+}
+
+/// A replica for another thread has the same parameter ids and values as the model.
+#[test]
+fn fork_keeps_parameter_ids_and_values() {
+    let device = Default::default();
+    let model = Kosmos2::<AB>::from_pretrained(model_dir(), &device).unwrap();
+    let replica = fork(&model);
+    let (a, b) = (values::<AB, _>(&model), values::<AB, _>(&replica));
+    assert_eq!(a.len(), b.len());
+    assert_eq!(a, b);
+    let ids = |m: &Kosmos2<AB>| {
+        let mut v = Ids(Vec::new());
+        m.visit(&mut v);
+        v.0
+    };
+    assert_eq!(ids(&model), ids(&replica));
+}
+
+struct Ids(Vec<burn::module::ParamId>);
+impl<B: burn::prelude::Backend> burn::module::ModuleVisitor<B> for Ids {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::prelude::Tensor<B, D>>) {
+        self.0.push(param.id);
+    }
 }
 
 #[test]
@@ -409,4 +453,62 @@ fn scratch_initialisation_trains() {
     );
     let summary = trainer.run().unwrap();
     assert!(summary.steps.iter().all(|m| m.loss.is_finite() && m.grad_norm > 0.0));
+}
+
+/// The scratch starts that rewrite parameters (`location_init`, `vision_position_init`,
+/// `projection_init`) write what they say and leave every parameter trainable: after one step,
+/// every tensor has moved. (A rewritten parameter that is not a fresh autodiff leaf gets no
+/// gradient and would stay at its start for the whole run.)
+#[test]
+fn scratch_starts_write_their_values_and_every_parameter_trains() {
+    use kosmos_train::config::{LocationInit, ProjectionInit};
+    use kosmos_train::location_init::{VISION_POSITION_STD, sincos_2d_rows};
+    let device = Default::default();
+    let mut c = config("scratch-starts", 1, "", "lr = 1e-3", "");
+    c.model.init = ModelInit::Scratch;
+    c.model.location_init = LocationInit::Sincos2d;
+    c.model.vision_position_init = LocationInit::Sincos2d;
+    c.model.projection_init = ProjectionInit::Balanced;
+    let mut trainer = Trainer::<AB>::new(c, device).unwrap();
+    let before = trainer.model().clone();
+
+    // Location tokens 411.. of the fixture tokenizer hold the 32 x 32 Fourier rows.
+    let emb = before.text_model.model.embed_tokens.weight.val();
+    let [_, d] = emb.dims();
+    let rows = emb.slice([411..411 + 1024, 0..d]).into_data().to_vec::<f32>().unwrap();
+    let expected = sincos_2d_rows(32, d, (d as f32).powf(-0.5));
+    assert_eq!(rows, expected);
+    // Vision positions: zero for the class position, then the patch grid's rows.
+    let pos = before.vision_model.model.embeddings.position_embedding.weight.val();
+    let [n, h] = pos.dims();
+    let grid = ((n - 1) as f64).sqrt() as usize;
+    let pos = pos.into_data().to_vec::<f32>().unwrap();
+    assert!(pos[..h].iter().all(|v| *v == 0.0));
+    assert_eq!(pos[h..].to_vec(), sincos_2d_rows(grid, h, VISION_POSITION_STD));
+    // Balanced projection: latents and dense weight N(0, 1), zero bias.
+    let p = &before.image_to_text_projection;
+    let latent = p.latent_query.val().into_data().to_vec::<f32>().unwrap();
+    let rms = (latent.iter().map(|v| v * v).sum::<f32>() / latent.len() as f32).sqrt();
+    assert!((rms - 1.0).abs() < 0.2, "latent rms {rms}");
+    let bias = p
+        .dense
+        .bias
+        .as_ref()
+        .unwrap()
+        .val()
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    assert!(bias.iter().all(|v| *v == 0.0));
+
+    trainer.run().unwrap();
+    let (a, b) = (values::<AB, _>(&before), values::<AB, _>(trainer.model()));
+    let frozen: Vec<usize> = a
+        .iter()
+        .zip(&b)
+        .enumerate()
+        .filter(|(_, (x, y))| x == y)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(frozen.is_empty(), "parameters {frozen:?} of {} did not move", a.len());
 }
