@@ -68,7 +68,8 @@ pub fn model_dir() -> Result<PathBuf, String> {
 
 /// Write the embedded model under `root` (if not there yet) and return its directory.
 pub fn materialize(root: &Path) -> Result<PathBuf, String> {
-    let dir = root.join(format!("shapes-{}", fingerprint()));
+    let hash = fingerprint();
+    let dir = root.join(format!("shapes-{hash}"));
     if FILES
         .iter()
         .all(|(name, bytes)| std::fs::metadata(dir.join(name)).is_ok_and(|m| m.len() == bytes.len() as u64))
@@ -77,7 +78,7 @@ pub fn materialize(root: &Path) -> Result<PathBuf, String> {
     }
     let io = |path: &Path, e: std::io::Error| format!("writing the built-in model to `{}`: {e}", path.display());
     std::fs::create_dir_all(root).map_err(|e| io(root, e))?;
-    let tmp = root.join(format!(".shapes-{}-{}", fingerprint(), std::process::id()));
+    let tmp = root.join(format!(".shapes-{hash}-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).map_err(|e| io(&tmp, e))?;
     for (name, bytes) in FILES {
         let path = tmp.join(name);

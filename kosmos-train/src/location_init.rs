@@ -60,6 +60,11 @@ pub fn sincos_2d_rows(grid: usize, dim: usize, std: f32) -> Vec<f32> {
     out
 }
 
+/// [`sincos_2d_rows`] as a `[grid * grid, dim]` tensor on `device`.
+fn sincos_2d_tensor<B: Backend>(grid: usize, dim: usize, std: f32, device: &B::Device) -> Tensor<B, 2> {
+    Tensor::<B, 1>::from_floats(sincos_2d_rows(grid, dim, std).as_slice(), device).reshape([grid * grid, dim])
+}
+
 /// Overwrite the embedding rows `first .. first + grid * grid` of `model`'s token embedding
 /// with [`sincos_2d_rows`] at the standard deviation `std`.
 ///
@@ -71,8 +76,7 @@ pub fn init_location_embeddings<B: Backend>(model: Kosmos2<B>, first: usize, gri
     model.text_model.model.embed_tokens.weight = weight.map(|w| {
         let [_, dim] = w.dims();
         let device = w.device();
-        let rows =
-            Tensor::<B, 1>::from_floats(sincos_2d_rows(grid, dim, std).as_slice(), &device).reshape([grid * grid, dim]);
+        let rows = sincos_2d_tensor::<B>(grid, dim, std, &device);
         leaf(w.slice_assign([first..first + grid * grid, 0..dim], rows))
     });
     model
@@ -97,8 +101,7 @@ pub fn init_vision_positions<B: Backend>(model: Kosmos2<B>) -> Kosmos2<B> {
             return w;
         }
         let device = w.device();
-        let rows = Tensor::<B, 1>::from_floats(sincos_2d_rows(grid, dim, VISION_POSITION_STD).as_slice(), &device)
-            .reshape([grid * grid, dim]);
+        let rows = sincos_2d_tensor::<B>(grid, dim, VISION_POSITION_STD, &device);
         leaf(Tensor::cat(vec![Tensor::zeros([1, dim], &device), rows], 0))
     });
     model
