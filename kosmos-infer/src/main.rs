@@ -362,11 +362,12 @@ fn data_shapes(
     } else {
         let c = &summary.codec;
         println!(
-            "wrote {} images with {} shapes to {}: {} grounded captions, {} referring expressions ({} need a relation), {} text documents",
+            "wrote {} images with {} shapes to {}: {} grounded captions (and {} with one phrase grounded), {} referring expressions ({} need a relation), {} text documents",
             summary.images,
             summary.shapes,
             out.display(),
             summary.grounded_captions,
+            summary.single_phrase_captions,
             summary.referring_expressions,
             summary.relational,
             summary.text_documents

@@ -71,9 +71,11 @@ pub struct ModelConfig {
     #[serde(default, skip_serializing_if = "LocationInit::is_random")]
     pub vision_position_init: LocationInit,
     /// How the image-to-text projection starts with `init = "scratch"`: `"random"` (the
-    /// default: latent queries N(0, 1), the dense layer at Burn's default) or `"balanced"` (the
+    /// default: latent queries N(0, 1), the dense layer at Burn's default), `"balanced"` (the
     /// projected image features at the latent queries' scale, see
-    /// [`crate::location_init::balance_projection`]).
+    /// [`crate::location_init::balance_projection`]) or `"routed"` (balanced, and each latent
+    /// query attends to the patches under its cell of the picture, see
+    /// [`crate::location_init::route_projection`]).
     #[serde(default, skip_serializing_if = "ProjectionInit::is_random")]
     pub projection_init: ProjectionInit,
 }
@@ -88,6 +90,9 @@ pub enum ProjectionInit {
     /// Latent queries and the dense layer N(0, 1), no bias
     /// ([`crate::location_init::balance_projection`]).
     Balanced,
+    /// Balanced, and each latent query attends to the patches under its cell of the picture
+    /// ([`crate::location_init::route_projection`]).
+    Routed,
 }
 
 impl ProjectionInit {

@@ -139,6 +139,190 @@ pub fn balance_projection<B: Backend>(model: Kosmos2<B>) -> Kosmos2<B> {
     model
 }
 
+/// The share of its attention that [`route_projection`] gives each latent's own patches on a
+/// blank picture, on average over latents and heads.
+pub const ROUTE_SHARE: f64 = 0.7;
+
+/// Start the image-to-text projection *routed*: latent query `i` of a grid of latents laid over
+/// the picture attends to the patches under its cell, so that the image embeddings the text
+/// model sees start as a map of the picture instead of `n` copies of its average.
+///
+/// Why: with any random start the latents' attention is nearly uniform, every image embedding is
+/// the same average, the text model's gradient is the same for all of them, and the symmetry that
+/// would let a latent specialise on a place breaks only through the latents' small random
+/// differences (a model trained so names the colours of a picture but not where they are).
+///
+/// How (an exact construction, then all of it trains): the dense layer is
+/// [`balance_projection`]'s; the features of a blank picture (zero after normalisation, the mean
+/// colour) give each patch `j` a projected vector `h_j` that only its position distinguishes;
+/// `c_j = h_j - mean(h)`. The even coordinates carry the keys and the odd ones the queries:
+/// `k_proj` copies the even coordinates and subtracts the blank mean (its bias), `q_proj` moves
+/// the odd coordinates onto the even ones, and latent `i` holds `beta * mean(c_j over its cell)`
+/// in its odd coordinates and the blank mean in its even ones. Its own key is then zero (the
+/// keys include the latents themselves), and its score for patch `j` is `beta * t_i . c_j` per
+/// head, largest under its cell; `beta` is the smallest that gives its own patches
+/// [`ROUTE_SHARE`] of its attention on average (keys: the class token, the patches and the
+/// latents). Values and output projections keep their random start.
+///
+/// Returns the model and the own patches' mean attention share reached (on a blank picture,
+/// over latents and heads). Needs a square patch grid; `image_size` is the vision tower's input
+/// side. The latents'
+/// grid is `rows x cols` with `rows` the largest divisor of their count up to its square root.
+pub fn route_projection<B: Backend>(
+    model: Kosmos2<B>,
+    image_size: usize,
+    num_heads: usize,
+) -> Result<(Kosmos2<B>, f64), String> {
+    let mut model = balance_projection(model);
+    let device = model.image_to_text_projection.latent_query.device();
+    let blank = Tensor::<B, 4>::zeros([1, 3, image_size, image_size], &device);
+    let features = model.vision_model.model.image_features(blank, false).detach();
+    let hidden = model.image_to_text_projection.dense.forward(features).detach();
+    let [_, tokens, dim] = hidden.dims();
+    let h: Vec<f32> = hidden
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .map_err(|e| format!("routed projection: reading the blank features: {e:?}"))?;
+    let patches = tokens - 1;
+    let [latents, width] = model.image_to_text_projection.latent_query.dims();
+    let side = |n: usize, what: &str| {
+        let s = (n as f64).sqrt().round() as usize;
+        if s * s == n {
+            Ok(s)
+        } else {
+            Err(format!("routed projection needs a square number of {what}, found {n}"))
+        }
+    };
+    let gp = side(patches, "patches")?;
+    // The latents' grid: `rows x cols` with rows the largest divisor of their count up to its
+    // square root (8 x 8 for KOSMOS-2's 64, 2 x 4 for 8).
+    let rows = (1..=latents)
+        .take_while(|r| r * r <= latents)
+        .filter(|r| latents % r == 0)
+        .max()
+        .unwrap_or(1);
+    let cols = latents / rows;
+    if width != dim || dim % num_heads != 0 || (dim / num_heads) % 2 != 0 {
+        return Err(format!(
+            "routed projection needs an even head width: text width {dim}, {num_heads} heads"
+        ));
+    }
+    // Centred blank vectors of the patches (row 0 is the class token).
+    let mut mean = vec![0.0f32; dim];
+    for j in 0..patches {
+        for (m, v) in mean.iter_mut().enumerate() {
+            *v += h[(1 + j) * dim + m] / patches as f32;
+        }
+    }
+    let c: Vec<Vec<f32>> = (0..patches)
+        .map(|j| (0..dim).map(|m| h[(1 + j) * dim + m] - mean[m]).collect())
+        .collect();
+    // The patches under each latent's cell.
+    let span = |r: usize, n: usize| {
+        let lo = r * gp / n;
+        lo..((r + 1) * gp / n).max(lo + 1)
+    };
+    let cells: Vec<Vec<usize>> = (0..latents)
+        .map(|i| {
+            let (r, col) = (i / cols, i % cols);
+            span(r, rows)
+                .flat_map(|pr| span(col, cols).map(move |pc| pr * gp + pc))
+                .collect()
+        })
+        .collect();
+    let targets: Vec<Vec<f32>> = cells
+        .iter()
+        .map(|cell| {
+            (0..dim)
+                .map(|m| cell.iter().map(|&j| c[j][m]).sum::<f32>() / cell.len() as f32)
+                .collect()
+        })
+        .collect();
+    // Scores at beta = 1 of every (latent, head) over the keys of a blank picture: the class
+    // token, the patches (even coordinates only), and the latents (zero: their keys vanish).
+    let head = dim / num_heads;
+    let scale = (head as f32).powf(-0.5);
+    let cls: Vec<f32> = (0..dim).map(|m| h[m] - mean[m]).collect();
+    let mut scored: Vec<(Vec<f32>, &Vec<usize>)> = Vec::new();
+    for (i, cell) in cells.iter().enumerate() {
+        for hd in 0..num_heads {
+            let dot = |v: &[f32]| -> f32 {
+                (hd * head..(hd + 1) * head)
+                    .step_by(2)
+                    .map(|m| targets[i][m] * v[m])
+                    .sum::<f32>()
+                    * scale
+            };
+            let mut scores = vec![dot(&cls)];
+            scores.extend(c.iter().map(|cj| dot(cj)));
+            scored.push((scores, cell));
+        }
+    }
+    // The mean attention share of a latent's own patches at a given beta.
+    let share = |beta: f32| -> f64 {
+        let mut total = 0.0f64;
+        for (scores, cell) in &scored {
+            let top = scores.iter().fold(0.0f32, |a, &v| a.max(beta * v));
+            let e: Vec<f64> = scores.iter().map(|&v| ((beta * v - top) as f64).exp()).collect();
+            let sum = e.iter().sum::<f64>() + latents as f64 * ((-top) as f64).exp();
+            total += cell.iter().map(|&j| e[1 + j]).sum::<f64>() / sum;
+        }
+        total / scored.len() as f64
+    };
+    // The smallest beta on a geometric ladder that reaches ROUTE_SHARE, else the best one.
+    let ladder = (0..=400).map(|k| 10f32.powf(-2.0 + k as f32 * 0.015));
+    let mut best = (0.0f32, share(0.0));
+    for beta in ladder {
+        let s = share(beta);
+        if s > best.1 {
+            best = (beta, s);
+        }
+        if s >= ROUTE_SHARE {
+            break;
+        }
+    }
+    let (beta, reached) = best;
+    if reached < 0.5 {
+        return Err(format!(
+            "routed projection: the latents' own patches get at most {reached:.2} of the attention on a \
+             blank picture (the position embeddings barely distinguish the patches; use \
+             vision_position_init = \"sincos2d\")"
+        ));
+    }
+    let mut query = vec![0.0f32; latents * dim];
+    for i in 0..latents {
+        for m in (0..dim).step_by(2) {
+            query[i * dim + m] = mean[m];
+            query[i * dim + m + 1] = beta * targets[i][m];
+        }
+    }
+    let mut wk = vec![0.0f32; dim * dim];
+    let mut wq = vec![0.0f32; dim * dim];
+    let mut bk = vec![0.0f32; dim];
+    for m in (0..dim).step_by(2) {
+        wk[m * dim + m] = 1.0; // weight is [in, out]: k[m] = x[m]
+        wq[(m + 1) * dim + m] = 1.0; // q[m] = x[m + 1]
+        bk[m] = -mean[m];
+    }
+    let matrix = |v: Vec<f32>, d: &B::Device| Tensor::<B, 1>::from_floats(v.as_slice(), d).reshape([dim, dim]);
+    let p = &mut model.image_to_text_projection;
+    p.latent_query = p.latent_query.clone().map(|q| {
+        let d = q.device();
+        leaf(Tensor::<B, 1>::from_floats(query.as_slice(), &d).reshape([latents, dim]))
+    });
+    let attn = &mut p.x_attn;
+    attn.k_proj.weight = attn.k_proj.weight.clone().map(|w| leaf(matrix(wk, &w.device())));
+    attn.q_proj.weight = attn.q_proj.weight.clone().map(|w| leaf(matrix(wq, &w.device())));
+    if let Some(b) = attn.k_proj.bias.take() {
+        attn.k_proj.bias = Some(b.map(|b| leaf(Tensor::<B, 1>::from_floats(bk.as_slice(), &b.device()))));
+    }
+    if let Some(b) = attn.q_proj.bias.take() {
+        attn.q_proj.bias = Some(b.map(|b| leaf(b.zeros_like())));
+    }
+    Ok((model, reached))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

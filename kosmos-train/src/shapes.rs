@@ -8,6 +8,11 @@
 //! * a **grounded caption** in GRIT's record format (`grit.jsonl`): `"An image of a red circle and
 //!   a small blue square."` with one `noun_chunks` entry per shape (character span, normalised box,
 //!   score 1);
+//! * for scenes of several shapes, **one phrase grounded at a time** (`phrases.jsonl`): the same
+//!   caption once per shape with only that shape's phrase in `noun_chunks`, the others left as
+//!   plain text. This is the form of the phrase-grounding prompt (KOSMOS-2's Flickr30k protocol,
+//!   `kosmos eval grounding`: the caption up to the phrase, untagged, then the tagged phrase), and
+//!   of GRIT's own captions, where only some noun phrases carry boxes;
 //! * **referring expressions** (`refexp.jsonl`, also GRIT records with one `ref_exps` entry over the
 //!   whole expression): `" the red circle left of the blue square"`. The anchor shape has a unique
 //!   description, and the relation (left of, right of, above, below) holds for the target and for
@@ -25,7 +30,8 @@
 //! Shapes are at least `min_cells` grid cells wide and high (4 by default), so that the
 //! location tokens can represent them: a box is written as the cells of its two corners and read
 //! back as the cells' centres (see `kosmos_models::grounding`), which loses up to one cell per
-//! side. Everything is a pure function of [`ShapesConfig`] (and its seed).
+//! side. They are also at least `min_fraction` of the image side (a quarter by default) and at
+//! most half the shorter side. Everything is a pure function of [`ShapesConfig`] (and its seed).
 
 use std::fs;
 use std::io::Write;
@@ -228,8 +234,11 @@ pub struct ShapesConfig {
     pub max_shapes: usize,
     /// Grid side of the location tokens the data is meant for (32 = KOSMOS-2's 1,024 tokens).
     pub grid: usize,
-    /// Smallest shape side in grid cells.
+    /// Smallest shape side in grid cells (what the location tokens can represent).
     pub min_cells: usize,
+    /// Smallest shape side as a fraction of the image side (the world's size range: shapes are
+    /// between this and half the shorter side).
+    pub min_fraction: f64,
     /// Probability that a scene repeats a description (so referring expressions need relations).
     pub repeat_probability: f64,
     /// One text-only sentence is written for every this many scenes (0 = none).
@@ -247,6 +256,7 @@ impl Default for ShapesConfig {
             max_shapes: 4,
             grid: 32,
             min_cells: 4,
+            min_fraction: 0.25,
             repeat_probability: 0.5,
             text_every: 4,
         }
@@ -296,6 +306,9 @@ impl ShapesConfig {
         if self.grid == 0 || self.min_cells == 0 {
             return bad("grid and min_cells must be positive".into());
         }
+        if !(0.0..=0.5).contains(&self.min_fraction) {
+            return bad(format!("min_fraction {} is not in [0, 0.5]", self.min_fraction));
+        }
         // Room for the largest count of shapes of the smallest size in the smallest image.
         let min_px = self.min_shape_px(self.min_side);
         if min_px * 2 > self.min_side {
@@ -313,9 +326,12 @@ impl ShapesConfig {
         Ok(())
     }
 
-    /// Smallest shape side in pixels for an image side: `min_cells` cells, rounded up.
+    /// Smallest shape side in pixels for an image side: `min_cells` cells or `min_fraction` of
+    /// the side, whichever is larger, rounded up.
     fn min_shape_px(&self, side: u32) -> u32 {
-        ((self.min_cells as f64 * side as f64 / self.grid as f64).ceil() as u32).max(4)
+        let cells = (self.min_cells as f64 * side as f64 / self.grid as f64).ceil() as u32;
+        let fraction = (self.min_fraction * side as f64).ceil() as u32;
+        cells.max(fraction).max(4)
     }
 }
 
@@ -634,6 +650,9 @@ pub struct ShapesSummary {
     pub shapes: usize,
     /// Grounded captions.
     pub grounded_captions: usize,
+    /// Captions with one phrase grounded (one per shape of the scenes of several shapes).
+    #[serde(default)]
+    pub single_phrase_captions: usize,
     /// Referring expressions.
     pub referring_expressions: usize,
     /// Of those, how many need their relation to be unambiguous.
@@ -710,6 +729,7 @@ pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary,
     fs::create_dir_all(out.join("images")).map_err(io(&out.join("images")))?;
     fs::create_dir_all(out.join("mdetr")).map_err(io(&out.join("mdetr")))?;
     let mut grit = Writer::create(out.join("grit.jsonl"))?;
+    let mut phrases = Writer::create(out.join("phrases.jsonl"))?;
     let mut refexp = Writer::create(out.join("refexp.jsonl"))?;
     let mut captions = Writer::create(out.join("captions.jsonl"))?;
     let mut text = Writer::create(out.join("text.jsonl"))?;
@@ -743,6 +763,12 @@ pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary,
             .collect();
         grit.line(&json!({"image": file, "caption": caption, "noun_chunks": chunks, "ref_exps": []}))?;
         summary.grounded_captions += 1;
+        if chunks.len() > 1 {
+            for chunk in &chunks {
+                phrases.line(&json!({"image": file, "caption": caption, "noun_chunks": [chunk], "ref_exps": []}))?;
+                summary.single_phrase_captions += 1;
+            }
+        }
         let sentence_id = fl_images.len();
         fl_images.push(json!({
             "id": sentence_id, "file_name": file, "width": w, "height": h, "caption": caption,
@@ -798,7 +824,7 @@ pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary,
             summary.text_documents += 1;
         }
     }
-    for w in [grit, refexp, captions, text] {
+    for w in [grit, phrases, refexp, captions, text] {
         w.finish()?;
     }
     let categories = json!([{"id": 1, "name": "object", "supercategory": "object"}]);
@@ -819,8 +845,8 @@ pub fn write_dataset(config: &ShapesConfig, out: &Path) -> Result<ShapesSummary,
 }
 
 /// The [`DataConfig`] over a written data set (paths relative to its directory): grounded
-/// captions, referring expressions (with their `ref_exps` on), captions and text, weighted
-/// towards grounding.
+/// captions (whole and one phrase at a time), referring expressions (with their `ref_exps` on),
+/// captions and text, weighted towards grounding.
 pub fn data_config(seed: u64) -> DataConfig {
     let source = |name: &str, kind, file: &str, weight, grit: GritConfig| SourceConfig {
         name: name.into(),
@@ -838,7 +864,8 @@ pub fn data_config(seed: u64) -> DataConfig {
     };
     DataConfig {
         sources: vec![
-            source("grounded", SourceKind::Grit, "grit.jsonl", 2.0, GritConfig::default()),
+            source("grounded", SourceKind::Grit, "grit.jsonl", 1.0, GritConfig::default()),
+            source("phrases", SourceKind::Grit, "phrases.jsonl", 2.0, GritConfig::default()),
             source("refexp", SourceKind::Grit, "refexp.jsonl", 3.0, refexp),
             source(
                 "captions",

@@ -62,7 +62,7 @@ use crate::clip::{clip_grad_norm, global_grad_norm};
 use crate::config::{LocationInit, ModelInit, ProjectionInit, TrainConfig};
 use crate::data::{Batch, CollateConfig, Collator, DataConfig, DataLoader};
 use crate::error::TrainError;
-use crate::location_init::{balance_projection, init_location_embeddings, init_vision_positions};
+use crate::location_init::{balance_projection, init_location_embeddings, init_vision_positions, route_projection};
 use crate::metrics::{MetricsLog, StepMetrics};
 use crate::optim::AdamWConfig;
 use crate::schedule::LrSchedule;
@@ -347,6 +347,15 @@ impl<B: AutodiffBackend> Trainer<B> {
                 match config.model.projection_init {
                     ProjectionInit::Random => model,
                     ProjectionInit::Balanced => balance_projection(model),
+                    ProjectionInit::Routed => {
+                        route_projection(
+                            model,
+                            model_config.vision_config.image_size,
+                            model_config.text_config.attention_heads,
+                        )
+                        .map_err(TrainError::Invalid)?
+                        .0
+                    }
                 }
             }
         }

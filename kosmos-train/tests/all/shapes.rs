@@ -41,11 +41,17 @@ fn shapes_fit_do_not_overlap_and_span_enough_cells() {
             let [x, y, w, h] = sa.pixels;
             assert!(x + w <= s.width && y + h <= s.height, "scene {i} shape {a} outside");
             let b = sa.bbox(s.width, s.height);
-            // At least 4 grid cells of 32 per side.
+            // At least 4 grid cells of 32 and a quarter of the image per side, at most half
+            // the shorter image side.
             assert!(
                 (b[2] - b[0]) * 32.0 >= 4.0 - 1e-9 && (b[3] - b[1]) * 32.0 >= 4.0 - 1e-9,
                 "scene {i} shape {a} too small"
             );
+            assert!(
+                b[2] - b[0] >= 0.25 - 1e-9 && b[3] - b[1] >= 0.25 - 1e-9,
+                "scene {i} shape {a} under a quarter"
+            );
+            assert!(w.max(h) <= s.width.min(s.height) / 2, "scene {i} shape {a} over half");
             for sb in &s.shapes[a + 1..] {
                 assert_eq!(iou(b, sb.bbox(s.width, s.height)), 0.0, "scene {i}: overlapping shapes");
             }
@@ -230,9 +236,22 @@ fn written_data_set_reads_back_through_the_data_layer() {
         .map(|s| Source::open(s, data.on_error).unwrap())
         .collect();
     let counts: Vec<usize> = sources.iter().map(|s| s.examples().len()).collect();
-    assert_eq!(counts, vec![24, summary.referring_expressions, 24, 6]);
+    let several: usize = (0..24).map(|i| scene(&c, i).shapes.len()).filter(|&n| n > 1).sum();
+    assert_eq!(summary.single_phrase_captions, several);
+    assert_eq!(counts, vec![24, several, summary.referring_expressions, 24, 6]);
+    // One phrase at a time: the whole caption, one phrase tagged and boxed, the others plain.
+    for e in sources[1].examples() {
+        match &e.content {
+            Content::Grounded { text, boxes, .. } => {
+                assert!(text.starts_with("<grounding>An image of"), "{text}");
+                assert_eq!(text.matches("<phrase>").count(), 1, "{text}");
+                assert_eq!(boxes.len(), 1);
+            }
+            other => panic!("phrase record read as {other:?}"),
+        }
+    }
     // A referring expression becomes the comprehension markup of `kosmos refer`.
-    match &sources[1].examples()[0].content {
+    match &sources[2].examples()[0].content {
         Content::Grounded { text, boxes, .. } => {
             assert!(text.starts_with("<grounding><phrase> the "), "{text}");
             assert!(text.ends_with("</phrase>"), "{text}");
@@ -285,4 +304,11 @@ fn bad_settings_are_refused_with_their_names() {
     .validate()
     .unwrap_err();
     assert!(err.to_string().contains("cells"), "{err}");
+    let err = ShapesConfig {
+        min_fraction: 0.7,
+        ..config(1)
+    }
+    .validate()
+    .unwrap_err();
+    assert!(err.to_string().contains("min_fraction 0.7"), "{err}");
 }

@@ -512,3 +512,90 @@ fn scratch_starts_write_their_values_and_every_parameter_trains() {
         .collect();
     assert!(frozen.is_empty(), "parameters {frozen:?} of {} did not move", a.len());
 }
+
+/// The routed projection start: on a blank picture every latent's attention (averaged over the
+/// heads) peaks on the patch under its cell of the latent grid, the own patches' mean share is
+/// the one the start reports (between a half and `ROUTE_SHARE`), the latents' own keys are zero,
+/// and the whole model still trains from there.
+#[test]
+fn routed_projection_sends_each_latent_to_its_cell_and_every_parameter_trains() {
+    use burn::tensor::activation::softmax;
+    use kosmos_train::config::{LocationInit, ProjectionInit};
+    use kosmos_train::location_init::{ROUTE_SHARE, init_vision_positions, route_projection};
+    let device = Default::default();
+    let mut c = config("routed-start", 1, "", "lr = 1e-3", "");
+    c.model.init = ModelInit::Scratch;
+    c.model.vision_position_init = LocationInit::Sincos2d;
+    c.model.projection_init = ProjectionInit::Routed;
+    let mut trainer = Trainer::<AB>::new(c, device).unwrap();
+    let before = trainer.model().clone();
+
+    // The start on its own (the trainer's is the same on another draw of the dense layer).
+    // The fixture: 28 px pictures in 14 px patches (a 2 x 2 grid), 8 latents (a 2 x 4 grid),
+    // text width 64 in 4 heads.
+    let model_config = kosmos_models::Kosmos2Config::from_json_file(model_dir().join("config.json")).unwrap();
+    // Several draws of the random start (the backend's generator is shared with the other
+    // tests running in parallel, so the draws differ from run to run too).
+    for draw in 0..4 {
+        <AB as Backend>::seed(&device, 100 + draw);
+        let model = init_vision_positions(Kosmos2::<AB>::new(&model_config, &device));
+        let (routed, reported) = route_projection(model, 28, 4).unwrap();
+        let p = &routed.image_to_text_projection;
+        let [n, d] = p.latent_query.dims();
+        assert_eq!(n, 8);
+        let blank = Tensor::<AB, 4>::zeros([1, 3, 28, 28], &device);
+        let hidden = p.dense.forward(routed.vision_model.model.image_features(blank, false));
+        let latents = p.latent_query.val().unsqueeze::<3>();
+        let kv = Tensor::cat(vec![hidden, latents.clone()], 1);
+        let keys = kv.dims()[1];
+        assert_eq!(keys, 1 + 4 + n);
+        let (heads, hd) = (4, d / 4);
+        let q = p
+            .x_attn
+            .q_proj
+            .forward(latents)
+            .reshape([1, n, heads, hd])
+            .swap_dims(1, 2);
+        let k = p
+            .x_attn
+            .k_proj
+            .forward(kv)
+            .reshape([1, keys, heads, hd])
+            .swap_dims(1, 2);
+        let latent_keys = k.clone().slice([0..1, 0..heads, 5..keys, 0..hd]);
+        assert!(latent_keys.abs().max().into_scalar().elem::<f32>() < 1e-4);
+        let att = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)), 3);
+        let att = att.mean_dim(1).into_data().to_vec::<f32>().unwrap();
+        let mut shares = Vec::new();
+        for i in 0..n {
+            let row = &att[i * keys..][..keys];
+            let patches = &row[1..5];
+            let (r, col) = (i / 4, i % 4);
+            let own = r * 2 + col / 2;
+            let best = (0..4).max_by(|&a, &b| patches[a].total_cmp(&patches[b])).unwrap();
+            assert_eq!(
+                best, own,
+                "draw {draw}, latent {i}: attention over the patches {patches:?}"
+            );
+            shares.push(patches[own]);
+        }
+        // The share the start reports (at most ROUTE_SHARE) is the one measured here.
+        let mean = shares.iter().sum::<f32>() / n as f32;
+        assert!(
+            (mean as f64 - reported).abs() < 1e-3,
+            "mean own share {mean}, reported {reported}"
+        );
+        assert!((0.5..=ROUTE_SHARE + 0.05).contains(&reported), "{reported}");
+    }
+
+    trainer.run().unwrap();
+    let (a, b) = (values::<AB, _>(&before), values::<AB, _>(trainer.model()));
+    let frozen: Vec<usize> = a
+        .iter()
+        .zip(&b)
+        .enumerate()
+        .filter(|(_, (x, y))| x == y)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(frozen.is_empty(), "parameters {frozen:?} of {} did not move", a.len());
+}
