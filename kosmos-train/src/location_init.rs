@@ -165,9 +165,9 @@ pub const ROUTE_SHARE: f64 = 0.7;
 /// latents). Values and output projections keep their random start.
 ///
 /// Returns the model and the own patches' mean attention share reached (on a blank picture,
-/// over latents and heads). Needs a square patch grid; `image_size` is the vision tower's input
-/// side. The latents'
-/// grid is `rows x cols` with `rows` the largest divisor of their count up to its square root.
+/// over latents and heads). Needs a square patch grid and biased key and query projections
+/// (KOSMOS-2's); `image_size` is the vision tower's input side. The latents' grid is
+/// `rows x cols` with `rows` the largest divisor of their count up to its square root.
 pub fn route_projection<B: Backend>(
     model: Kosmos2<B>,
     image_size: usize,
@@ -205,8 +205,13 @@ pub fn route_projection<B: Backend>(
     let cols = latents / rows;
     if width != dim || dim % num_heads != 0 || (dim / num_heads) % 2 != 0 {
         return Err(format!(
-            "routed projection needs an even head width: text width {dim}, {num_heads} heads"
+            "routed projection needs latent queries as wide as the projected features and an even \
+             head width: latents {width}, features {dim}, {num_heads} heads"
         ));
+    }
+    let attn = &model.image_to_text_projection.x_attn;
+    if attn.k_proj.bias.is_none() || attn.q_proj.bias.is_none() {
+        return Err("routed projection needs biased key and query projections".into());
     }
     // Centred blank vectors of the patches (row 0 is the class token).
     let mut mean = vec![0.0f32; dim];

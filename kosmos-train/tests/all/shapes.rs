@@ -283,32 +283,38 @@ fn written_data_set_reads_back_through_the_data_layer() {
 
 #[test]
 fn bad_settings_are_refused_with_their_names() {
-    let err = ShapesConfig {
-        min_side: 200,
-        ..config(1)
+    let cases = [
+        (
+            ShapesConfig {
+                min_side: 200,
+                ..config(1)
+            },
+            "min_side",
+        ),
+        (
+            ShapesConfig {
+                max_shapes: 9,
+                ..config(1)
+            },
+            "max_shapes",
+        ),
+        (
+            ShapesConfig {
+                min_cells: 20,
+                ..config(1)
+            },
+            "cells",
+        ),
+        (
+            ShapesConfig {
+                min_fraction: 0.7,
+                ..config(1)
+            },
+            "min_fraction 0.7",
+        ),
+    ];
+    for (bad, name) in cases {
+        let err = bad.validate().unwrap_err();
+        assert!(err.to_string().contains(name), "{err}");
     }
-    .validate()
-    .unwrap_err();
-    assert!(err.to_string().contains("min_side"), "{err}");
-    let err = ShapesConfig {
-        max_shapes: 9,
-        ..config(1)
-    }
-    .validate()
-    .unwrap_err();
-    assert!(err.to_string().contains("max_shapes"), "{err}");
-    let err = ShapesConfig {
-        min_cells: 20,
-        ..config(1)
-    }
-    .validate()
-    .unwrap_err();
-    assert!(err.to_string().contains("cells"), "{err}");
-    let err = ShapesConfig {
-        min_fraction: 0.7,
-        ..config(1)
-    }
-    .validate()
-    .unwrap_err();
-    assert!(err.to_string().contains("min_fraction 0.7"), "{err}");
 }

@@ -455,21 +455,42 @@ fn scratch_initialisation_trains() {
     assert!(summary.steps.iter().all(|m| m.loss.is_finite() && m.grad_norm > 0.0));
 }
 
+/// A trainer of one step from scratch with sinusoidal vision positions and the given projection
+/// start (and location rows when `locations`).
+fn scratch_trainer(name: &str, locations: bool, projection: kosmos_train::config::ProjectionInit) -> Trainer<AB> {
+    use kosmos_train::config::LocationInit;
+    let mut c = config(name, 1, "", "lr = 1e-3", "");
+    c.model.init = ModelInit::Scratch;
+    if locations {
+        c.model.location_init = LocationInit::Sincos2d;
+    }
+    c.model.vision_position_init = LocationInit::Sincos2d;
+    c.model.projection_init = projection;
+    Trainer::<AB>::new(c, Default::default()).unwrap()
+}
+
+/// Every parameter tensor of `after` differs from `before`'s.
+fn assert_every_parameter_moved(before: &Kosmos2<AB>, after: &Kosmos2<AB>) {
+    let (a, b) = (values::<AB, _>(before), values::<AB, _>(after));
+    let frozen: Vec<usize> = a
+        .iter()
+        .zip(&b)
+        .enumerate()
+        .filter(|(_, (x, y))| x == y)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(frozen.is_empty(), "parameters {frozen:?} of {} did not move", a.len());
+}
+
 /// The scratch starts that rewrite parameters (`location_init`, `vision_position_init`,
 /// `projection_init`) write what they say and leave every parameter trainable: after one step,
 /// every tensor has moved. (A rewritten parameter that is not a fresh autodiff leaf gets no
 /// gradient and would stay at its start for the whole run.)
 #[test]
 fn scratch_starts_write_their_values_and_every_parameter_trains() {
-    use kosmos_train::config::{LocationInit, ProjectionInit};
+    use kosmos_train::config::ProjectionInit;
     use kosmos_train::location_init::{VISION_POSITION_STD, sincos_2d_rows};
-    let device = Default::default();
-    let mut c = config("scratch-starts", 1, "", "lr = 1e-3", "");
-    c.model.init = ModelInit::Scratch;
-    c.model.location_init = LocationInit::Sincos2d;
-    c.model.vision_position_init = LocationInit::Sincos2d;
-    c.model.projection_init = ProjectionInit::Balanced;
-    let mut trainer = Trainer::<AB>::new(c, device).unwrap();
+    let mut trainer = scratch_trainer("scratch-starts", true, ProjectionInit::Balanced);
     let before = trainer.model().clone();
 
     // Location tokens 411.. of the fixture tokenizer hold the 32 x 32 Fourier rows.
@@ -502,15 +523,7 @@ fn scratch_starts_write_their_values_and_every_parameter_trains() {
     assert!(bias.iter().all(|v| *v == 0.0));
 
     trainer.run().unwrap();
-    let (a, b) = (values::<AB, _>(&before), values::<AB, _>(trainer.model()));
-    let frozen: Vec<usize> = a
-        .iter()
-        .zip(&b)
-        .enumerate()
-        .filter(|(_, (x, y))| x == y)
-        .map(|(i, _)| i)
-        .collect();
-    assert!(frozen.is_empty(), "parameters {frozen:?} of {} did not move", a.len());
+    assert_every_parameter_moved(&before, trainer.model());
 }
 
 /// The routed projection start: on a blank picture every latent's attention (averaged over the
@@ -520,14 +533,10 @@ fn scratch_starts_write_their_values_and_every_parameter_trains() {
 #[test]
 fn routed_projection_sends_each_latent_to_its_cell_and_every_parameter_trains() {
     use burn::tensor::activation::softmax;
-    use kosmos_train::config::{LocationInit, ProjectionInit};
+    use kosmos_train::config::ProjectionInit;
     use kosmos_train::location_init::{ROUTE_SHARE, init_vision_positions, route_projection};
     let device = Default::default();
-    let mut c = config("routed-start", 1, "", "lr = 1e-3", "");
-    c.model.init = ModelInit::Scratch;
-    c.model.vision_position_init = LocationInit::Sincos2d;
-    c.model.projection_init = ProjectionInit::Routed;
-    let mut trainer = Trainer::<AB>::new(c, device).unwrap();
+    let mut trainer = scratch_trainer("routed-start", false, ProjectionInit::Routed);
     let before = trainer.model().clone();
 
     // The start on its own (the trainer's is the same on another draw of the dense layer).
@@ -589,13 +598,5 @@ fn routed_projection_sends_each_latent_to_its_cell_and_every_parameter_trains() 
     }
 
     trainer.run().unwrap();
-    let (a, b) = (values::<AB, _>(&before), values::<AB, _>(trainer.model()));
-    let frozen: Vec<usize> = a
-        .iter()
-        .zip(&b)
-        .enumerate()
-        .filter(|(_, (x, y))| x == y)
-        .map(|(i, _)| i)
-        .collect();
-    assert!(frozen.is_empty(), "parameters {frozen:?} of {} did not move", a.len());
+    assert_every_parameter_moved(&before, trainer.model());
 }
