@@ -559,18 +559,9 @@ fn routed_projection_sends_each_latent_to_its_cell_and_every_parameter_trains() 
         let keys = kv.dims()[1];
         assert_eq!(keys, 1 + 4 + n);
         let (heads, hd) = (4, d / 4);
-        let q = p
-            .x_attn
-            .q_proj
-            .forward(latents)
-            .reshape([1, n, heads, hd])
-            .swap_dims(1, 2);
-        let k = p
-            .x_attn
-            .k_proj
-            .forward(kv)
-            .reshape([1, keys, heads, hd])
-            .swap_dims(1, 2);
+        let by_head = |x: Tensor<AB, 3>, len: usize| x.reshape([1, len, heads, hd]).swap_dims(1, 2);
+        let q = by_head(p.x_attn.q_proj.forward(latents), n);
+        let k = by_head(p.x_attn.k_proj.forward(kv), keys);
         let latent_keys = k.clone().slice([0..1, 0..heads, 5..keys, 0..hd]);
         assert!(latent_keys.abs().max().into_scalar().elem::<f32>() < 1e-4);
         let att = softmax(q.matmul(k.swap_dims(2, 3)).mul_scalar((hd as f64).powf(-0.5)), 3);
