@@ -91,15 +91,21 @@ pub const VISION_POSITION_STD: f32 = 0.7;
 /// embeddings are the usual start for vision transformers trained from scratch on little data
 /// (MAE, He et al. 2021; "Better plain ViT baselines", Beyer et al. 2022); here they stay
 /// trainable.
+/// The side of the square patch grid of a position table of `positions` rows (class row
+/// first), if it is square.
+fn patch_grid(positions: usize) -> Option<usize> {
+    let side = (positions.saturating_sub(1) as f64).sqrt().round() as usize;
+    (side > 0 && side * side + 1 == positions).then_some(side)
+}
+
 pub fn init_vision_positions<B: Backend>(model: Kosmos2<B>) -> Kosmos2<B> {
     let mut model = model;
     let weight = model.vision_model.model.embeddings.position_embedding.weight;
     model.vision_model.model.embeddings.position_embedding.weight = weight.map(|w| {
         let [positions, dim] = w.dims();
-        let grid = ((positions - 1) as f64).sqrt().round() as usize;
-        if grid * grid + 1 != positions {
+        let Some(grid) = patch_grid(positions) else {
             return w;
-        }
+        };
         let device = w.device();
         let rows = sincos_2d_tensor::<B>(grid, dim, VISION_POSITION_STD, &device);
         leaf(Tensor::cat(vec![Tensor::zeros([1, dim], &device), rows], 0))
@@ -166,14 +172,21 @@ pub const ROUTE_SHARE: f64 = 0.7;
 ///
 /// Returns the model and the own patches' mean attention share reached (on a blank picture,
 /// over latents and heads). Needs a square patch grid and biased key and query projections
-/// (KOSMOS-2's); `image_size` is the vision tower's input side. The latents' grid is
-/// `rows x cols` with `rows` the largest divisor of their count up to its square root.
-pub fn route_projection<B: Backend>(
-    model: Kosmos2<B>,
-    image_size: usize,
-    num_heads: usize,
-) -> Result<(Kosmos2<B>, f64), String> {
+/// (KOSMOS-2's). The blank picture's size (patch grid times patch side) and the number of heads
+/// come from the model. The latents' grid is `rows x cols` with `rows` the largest divisor of
+/// their count up to its square root.
+pub fn route_projection<B: Backend>(model: Kosmos2<B>) -> Result<(Kosmos2<B>, f64), String> {
     let mut model = balance_projection(model);
+    let embeddings = &model.vision_model.model.embeddings;
+    let positions = embeddings.position_embedding.weight.dims()[0];
+    let gp = patch_grid(positions).ok_or_else(|| {
+        format!(
+            "routed projection needs a square patch grid, and the vision tower has {} patch positions",
+            positions.saturating_sub(1)
+        )
+    })?;
+    let image_size = gp * embeddings.patch_size();
+    let num_heads = model.image_to_text_projection.x_attn.num_heads();
     let device = model.image_to_text_projection.latent_query.device();
     let blank = Tensor::<B, 4>::zeros([1, 3, image_size, image_size], &device);
     let features = model.vision_model.model.image_features(blank, false).detach();
@@ -186,15 +199,6 @@ pub fn route_projection<B: Backend>(
         .map_err(|e| format!("routed projection: reading the blank features: {e:?}"))?;
     let patches = tokens - 1;
     let [latents, width] = model.image_to_text_projection.latent_query.dims();
-    let side = |n: usize, what: &str| {
-        let s = (n as f64).sqrt().round() as usize;
-        if s * s == n {
-            Ok(s)
-        } else {
-            Err(format!("routed projection needs a square number of {what}, found {n}"))
-        }
-    };
-    let gp = side(patches, "patches")?;
     // The latents' grid: `rows x cols` with rows the largest divisor of their count up to its
     // square root (8 x 8 for KOSMOS-2's 64, 2 x 4 for 8).
     let rows = (1..=latents)

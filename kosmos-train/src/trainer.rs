@@ -347,15 +347,7 @@ impl<B: AutodiffBackend> Trainer<B> {
                 match config.model.projection_init {
                     ProjectionInit::Random => model,
                     ProjectionInit::Balanced => balance_projection(model),
-                    ProjectionInit::Routed => {
-                        route_projection(
-                            model,
-                            model_config.vision_config.image_size,
-                            model_config.text_config.attention_heads,
-                        )
-                        .map_err(TrainError::Invalid)?
-                        .0
-                    }
+                    ProjectionInit::Routed => route_projection(model).map_err(TrainError::Invalid)?.0,
                 }
             }
         }

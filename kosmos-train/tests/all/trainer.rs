@@ -548,7 +548,7 @@ fn routed_projection_sends_each_latent_to_its_cell_and_every_parameter_trains() 
     for draw in 0..4 {
         <AB as Backend>::seed(&device, 100 + draw);
         let model = init_vision_positions(Kosmos2::<AB>::new(&model_config, &device));
-        let (routed, reported) = route_projection(model, 28, 4).unwrap();
+        let (routed, reported) = route_projection(model).unwrap();
         let p = &routed.image_to_text_projection;
         let [n, d] = p.latent_query.dims();
         assert_eq!(n, 8);
