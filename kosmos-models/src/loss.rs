@@ -29,3 +29,36 @@ pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int
     let total = weights.clone().sum().clamp_min(1.0);
     (picked * weights).sum().neg() / total
 }
+
+/// [`causal_lm_loss`] with a weight per target: `weights: [batch, len]` is aligned with
+/// `labels` (the weight of the label at `t`, which the logits at `t - 1` predict). Labels equal
+/// to [`IGNORE_INDEX`] count nothing whatever their weight. Returns `sum(w * nll) / sum(w)` over
+/// the counted targets (zero when nothing is counted); with every weight 1 it equals
+/// [`causal_lm_loss`]. Weights must be finite and >= 0.
+pub fn weighted_causal_lm_loss<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+    weights: Tensor<B, 2>,
+) -> Tensor<B, 1> {
+    let [b, t, v] = logits.dims();
+    if t < 2 {
+        return Tensor::zeros([1], &logits.device());
+    }
+    let logits = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
+    let targets = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    let counted = targets.clone().not_equal_elem(IGNORE_INDEX);
+    let safe_targets = targets.mask_fill(counted.clone().bool_not(), 0);
+    let log_probs = log_softmax(logits, 1);
+    let picked = log_probs
+        .gather(1, safe_targets.reshape([b * (t - 1), 1]))
+        .reshape([b * (t - 1)]);
+    let weights = weights
+        .narrow(1, 1, t - 1)
+        .reshape([b * (t - 1)])
+        .cast(picked.dtype())
+        .mask_fill(counted.bool_not(), 0.0);
+    let total = weights.clone().sum();
+    // Guard the empty case without flooring the weight sum at 1 (weights may be below 1).
+    let total = total.clone().mask_fill(total.equal_elem(0.0), 1.0);
+    (picked * weights).sum().neg() / total
+}

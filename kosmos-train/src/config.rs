@@ -314,6 +314,41 @@ pub struct TrainConfig {
     /// Progress line and metrics file.
     #[serde(default)]
     pub log: LogConfig,
+    /// Per-target weights of the next-token loss (default: the plain mean).
+    #[serde(default, skip_serializing_if = "LossConfig::is_default")]
+    pub loss: LossConfig,
+}
+
+/// `[loss]`: per-target weights of the next-token loss.
+///
+/// The loss of a step is `sum(w * nll) / sum(w)` over its scored targets, where `w` is
+/// `location_weight` for a location token (`<patch_index_NNNN>`) and 1 for every other token;
+/// the default weight 1 gives the paper's plain mean. The logged `loss` is that weighted mean.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LossConfig {
+    /// Weight of the targets that are location tokens, relative to 1 for the others (default
+    /// 1). A box is two tokens among the dozens of a caption, so the signal that teaches the
+    /// model where things are is a small share of a plain mean; a weight above 1 raises it.
+    #[serde(default = "d_one_f64")]
+    pub location_weight: f64,
+}
+
+impl Default for LossConfig {
+    fn default() -> Self {
+        Self { location_weight: 1.0 }
+    }
+}
+
+impl LossConfig {
+    /// Whether this is the default (the plain mean).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+fn d_one_f64() -> f64 {
+    1.0
 }
 
 impl TrainConfig {
@@ -393,6 +428,10 @@ impl TrainConfig {
         }
         if !(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0) {
             return bad("optim.max_grad_norm", "finite and >= 0", o.max_grad_norm.to_string());
+        }
+        let lw = self.loss.location_weight;
+        if !(lw.is_finite() && lw > 0.0) {
+            return bad("loss.location_weight", "finite and > 0", lw.to_string());
         }
         if self.checkpoint.keep_last == 0 {
             return bad("checkpoint.keep_last", ">= 1", "0".into());

@@ -52,7 +52,7 @@ use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
 use burn::tensor::backend::AutodiffBackend;
 use kosmos_core::backend::AutodiffTask;
 use kosmos_models::grounding::patch_index_token;
-use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss};
+use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss, weighted_causal_lm_loss};
 use kosmos_models::processor::Kosmos2Processor;
 use kosmos_models::{Kosmos2, Kosmos2Config, Kosmos2Input};
 use kosmos_vision::freeze::freeze_vision;
@@ -108,6 +108,74 @@ pub fn batch_loss<B: Backend>(
     Ok(causal_lm_loss(model.forward(&input)?.logits, t.labels))
 }
 
+/// Per-target weights of the next-token loss (`[loss]` of a [`TrainConfig`]): location tokens
+/// (a consecutive id range) weigh `location`, every other target 1.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LossWeights {
+    /// The location tokens' ids and their weight; `None`: every target weighs 1.
+    pub location: Option<(std::ops::Range<i64>, f32)>,
+}
+
+impl LossWeights {
+    /// Every target weighs 1 (the plain mean of [`causal_lm_loss`]).
+    pub fn uniform() -> Self {
+        Self { location: None }
+    }
+
+    /// The weight of target `label` (0 for [`IGNORE_INDEX`]).
+    pub fn weight(&self, label: i64) -> f32 {
+        match &self.location {
+            _ if label == IGNORE_INDEX => 0.0,
+            Some((ids, w)) if ids.contains(&label) => *w,
+            _ => 1.0,
+        }
+    }
+
+    /// The sum of the weights of a batch's scored targets (its [`scored_tokens`] when uniform).
+    pub fn total(&self, batch: &Batch) -> f64 {
+        match self.location {
+            None => scored_tokens(batch) as f64,
+            Some(_) => batch
+                .labels
+                .iter()
+                .flat_map(|row| row.iter().skip(1))
+                .map(|&l| self.weight(l) as f64)
+                .sum(),
+        }
+    }
+
+    /// The weights of `batch`'s labels as a `[rows, len]` tensor, or `None` when uniform.
+    fn tensor<B: Backend>(&self, batch: &Batch, device: &B::Device) -> Option<Tensor<B, 2>> {
+        self.location.as_ref()?;
+        let flat: Vec<f32> = batch.labels.iter().flatten().map(|&l| self.weight(l)).collect();
+        Some(Tensor::from_data(
+            TensorData::new(flat, [batch.len(), batch.seq_len()]),
+            device,
+        ))
+    }
+}
+
+/// The weighted loss of a batch ([`LossWeights`]; [`batch_loss`] when uniform).
+pub fn weighted_batch_loss<B: Backend>(
+    model: &Kosmos2<B>,
+    batch: &Batch,
+    weights: &LossWeights,
+    device: &B::Device,
+) -> Result<Tensor<B, 1>, TrainError> {
+    let Some(w) = weights.tensor::<B>(batch, device) else {
+        return batch_loss(model, batch, device);
+    };
+    let t = batch.to_tensors::<B>(device);
+    let has_images = t.pixel_values.is_some();
+    let input = Kosmos2Input {
+        input_ids: t.input_ids,
+        attention_mask: Some(t.attention_mask),
+        pixel_values: t.pixel_values,
+        image_embeds_position_mask: has_images.then_some(t.image_embeds_position_mask),
+    };
+    Ok(weighted_causal_lm_loss(model.forward(&input)?.logits, t.labels, w))
+}
+
 /// The gradients of one optimizer step over several micro-batches.
 pub struct Accumulated {
     /// Mean loss over every scored token of all micro-batches.
@@ -150,20 +218,35 @@ pub fn accumulate_gradients_parallel<B: AutodiffBackend>(
     step: u64,
     threads: usize,
 ) -> Result<Accumulated, TrainError> {
-    let counts: Vec<u64> = batches.iter().map(scored_tokens).collect();
-    let total: u64 = counts.iter().sum();
+    accumulate_weighted_gradients(model, batches, &LossWeights::uniform(), device, step, threads)
+}
+
+/// [`accumulate_gradients_parallel`] for a weighted loss ([`LossWeights`]): micro-batch `i`
+/// contributes its weighted mean times its share `W_i / W` of the step's target weights, so that
+/// the result is again the weighted mean over the union of the micro-batches' rows.
+pub fn accumulate_weighted_gradients<B: AutodiffBackend>(
+    model: &Kosmos2<B>,
+    batches: &[Batch],
+    weights: &LossWeights,
+    device: &B::Device,
+    step: u64,
+    threads: usize,
+) -> Result<Accumulated, TrainError> {
+    let counts: Vec<f64> = batches.iter().map(|b| weights.total(b)).collect();
+    let total_weight: f64 = counts.iter().sum();
+    let total: u64 = batches.iter().map(scored_tokens).sum();
     let tokens = batches.iter().map(input_tokens).sum();
     let mut accumulator = GradientsAccumulator::<Kosmos2<B>>::new();
     let mut loss = 0.0;
     let work: Vec<(&Batch, f64)> = batches
         .iter()
         .zip(&counts)
-        .filter(|(_, n)| **n > 0)
-        .map(|(b, &n)| (b, n as f64 / total as f64))
+        .filter(|(_, n)| **n > 0.0)
+        .map(|(b, &n)| (b, n / total_weight))
         .collect();
     // One micro-batch: its loss value and the gradients of `loss * share` for `replica`.
     let one = |replica: &Kosmos2<B>, batch: &Batch, share: f64| -> Result<(f64, GradientsParams), TrainError> {
-        let l = batch_loss(replica, batch, device)?;
+        let l = weighted_batch_loss(replica, batch, weights, device)?;
         let value: f64 = l.clone().into_scalar().elem();
         if !value.is_finite() {
             return Err(TrainError::NonFinite {
@@ -232,7 +315,8 @@ impl<B: Backend> ModuleMapper<B> for Materialize {}
 
 /// The first location token's id and the grid side, from the model directory's tokenizer; the
 /// `grid * grid` location tokens must have consecutive ids inside the vocabulary.
-fn location_rows(model_dir: &Path, model_config: &Kosmos2Config) -> Result<(usize, usize), TrainError> {
+/// `what` names the setting that needs them in errors.
+fn location_rows(model_dir: &Path, model_config: &Kosmos2Config, what: &str) -> Result<(usize, usize), TrainError> {
     let path = model_dir.join("tokenizer.json");
     let bad = |message: String| TrainError::Config {
         path: path.clone(),
@@ -243,13 +327,15 @@ fn location_rows(model_dir: &Path, model_config: &Kosmos2Config) -> Result<(usiz
     let grid = processor.grid();
     let tokenizer = processor.tokenizer();
     let first = tokenizer.token_to_id(&patch_index_token(0)).ok_or_else(|| {
-        bad("location_init = \"sincos2d\" needs location tokens, and there is no <patch_index_0000>".into())
+        bad(format!(
+            "{what} needs location tokens, and there is no <patch_index_0000>"
+        ))
     })? as usize;
     for i in 0..grid * grid {
         let token = patch_index_token(i as i64);
         if tokenizer.token_to_id(&token) != Some((first + i) as u32) {
             return Err(bad(format!(
-                "location_init = \"sincos2d\" needs consecutive ids for the location tokens, and {token} is not id {}",
+                "{what} needs consecutive ids for the location tokens, and {token} is not id {}",
                 first + i
             )));
         }
@@ -307,6 +393,7 @@ pub struct Trainer<B: AutodiffBackend> {
     loader: DataLoader,
     schedule: LrSchedule,
     latents: usize,
+    loss_weights: LossWeights,
     step: u64,
     tokens: u64,
     metrics: MetricsLog,
@@ -335,7 +422,8 @@ impl<B: AutodiffBackend> Trainer<B> {
                 let model = match config.model.location_init {
                     LocationInit::Random => model,
                     LocationInit::Sincos2d => {
-                        let (first, grid) = location_rows(&config.model.dir, &model_config)?;
+                        let (first, grid) =
+                            location_rows(&config.model.dir, &model_config, "location_init = \"sincos2d\"")?;
                         let std = (model_config.text_config.embed_dim as f32).powf(-0.5);
                         init_location_embeddings(model, first, grid, std)
                     }
@@ -419,6 +507,16 @@ impl<B: AutodiffBackend> Trainer<B> {
             .init::<B, Kosmos2<B>>();
         let latents = model_config.latent_query_num;
         let loader = loader(&config.model.dir, latents, &config.data)?;
+        let loss_weights = match config.loss.location_weight {
+            1.0 => LossWeights::uniform(),
+            w => {
+                let (first, grid) = location_rows(&config.model.dir, &model_config, "loss.location_weight")?;
+                let ids = first as i64..(first + grid * grid) as i64;
+                LossWeights {
+                    location: Some((ids, w as f32)),
+                }
+            }
+        };
         let metrics = MetricsLog::open(&config.output_dir, config.log.format, step)?;
         Ok(Self {
             run_hash: config.run_hash(),
@@ -429,6 +527,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             optim,
             loader,
             latents,
+            loss_weights,
             step,
             tokens: 0,
             metrics,
@@ -477,8 +576,8 @@ impl<B: AutodiffBackend> Trainer<B> {
             last_checkpoint: last.clone(),
         };
         let threads = self.config.parallel_micro_batches;
-        let acc =
-            accumulate_gradients_parallel(&self.model, &batches, &self.device, step, threads).map_err(|e| match e {
+        let acc = accumulate_weighted_gradients(&self.model, &batches, &self.loss_weights, &self.device, step, threads)
+            .map_err(|e| match e {
                 TrainError::NonFinite { value, .. } => non_finite("loss", value, &self.last_checkpoint),
                 e => e,
             })?;

@@ -6,7 +6,7 @@ use burn::optim::{AdamWConfig, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::tensor::{Distribution, TensorData};
 use kosmos_models::kosmos1::{Kosmos1, Kosmos1Config};
-use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss};
+use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss, weighted_causal_lm_loss};
 
 use crate::TB;
 
@@ -102,4 +102,41 @@ fn loss_ignores_masked_labels() {
     let full: f32 = causal_lm_loss(logits, all).into_scalar().elem();
     let expected_full = -(lp[2] + lp[6 + 3] + lp[12 + 4]) / 3.0;
     assert!((full - expected_full).abs() < 1e-5, "{full} vs {expected_full}");
+}
+
+#[test]
+fn weighted_loss_is_the_weighted_mean_of_the_counted_targets() {
+    let device = Default::default();
+    let logits = Tensor::<TB, 3>::random([2, 4, 6], Distribution::Normal(0.0, 1.0), &device);
+    let labels = Tensor::<TB, 2, Int>::from_data(
+        TensorData::new(vec![1i64, 2, IGNORE_INDEX, 4, 5, 0, 3, IGNORE_INDEX], [2, 4]),
+        &device,
+    );
+    let lp = burn::tensor::activation::log_softmax(logits.clone(), 2)
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    let nll = |row: usize, pos: usize, label: usize| -lp[row * 24 + pos * 6 + label];
+    // Weights of the labels; the first position and the ignored labels count nothing whatever
+    // their weight.
+    let w = [9.0f32, 2.0, 7.0, 0.5, 9.0, 1.0, 3.0, 7.0];
+    let weights = Tensor::<TB, 2>::from_data(TensorData::new(w.to_vec(), [2, 4]), &device);
+    let expected = (2.0 * nll(0, 0, 2) + 0.5 * nll(0, 2, 4) + 1.0 * nll(1, 0, 0) + 3.0 * nll(1, 1, 3)) / 6.5;
+    let got: f32 = weighted_causal_lm_loss(logits.clone(), labels.clone(), weights)
+        .into_scalar()
+        .elem();
+    assert!((got - expected).abs() < 1e-5, "{got} vs {expected}");
+    // Every weight 1: the plain mean.
+    let ones = Tensor::<TB, 2>::ones([2, 4], &device);
+    let plain: f32 = causal_lm_loss(logits.clone(), labels.clone()).into_scalar().elem();
+    let got: f32 = weighted_causal_lm_loss(logits.clone(), labels, ones)
+        .into_scalar()
+        .elem();
+    assert!((got - plain).abs() < 1e-6, "{got} vs {plain}");
+    // Nothing counted: zero, not NaN.
+    let none = Tensor::<TB, 2, Int>::full([2, 4], IGNORE_INDEX, &device);
+    let zero: f32 = weighted_causal_lm_loss(logits, none, Tensor::ones([2, 4], &device))
+        .into_scalar()
+        .elem();
+    assert_eq!(zero, 0.0);
 }

@@ -10,11 +10,14 @@ use burn::optim::GradientsParams;
 use burn::prelude::*;
 use kosmos_core::testing::repo_root;
 use kosmos_models::Kosmos2;
+use kosmos_models::loss::IGNORE_INDEX;
 use kosmos_train::checkpoint;
 use kosmos_train::config::{MetricsFormat, ModelInit};
 use kosmos_train::data::{CollateConfig, Collator, DataLoader};
 use kosmos_train::metrics::StepMetrics;
-use kosmos_train::trainer::{accumulate_gradients, accumulate_gradients_parallel, fork};
+use kosmos_train::trainer::{
+    LossWeights, accumulate_gradients, accumulate_gradients_parallel, accumulate_weighted_gradients, fork,
+};
 use kosmos_train::{TrainConfig, TrainError, Trainer};
 use kosmos_vision::freeze::{VisionFreeze, freeze_vision};
 
@@ -229,6 +232,46 @@ fn accumulation_equals_one_batch_of_the_union() {
     assert!((p.loss - a.loss).abs() <= 1e-6);
     assert!(diff <= 1e-6, "parallel gradients differ by {diff}");
     assert_eq!(max_diff(&gp, &gq), 0.0, "two parallel calls differ");
+
+    // A weighted loss (`[loss]`): the targets with the upper half of the ids present weigh 3.
+    // Micro-batches share by weight, so the equality with the union holds again, and the
+    // weighting changes the loss.
+    let present: Vec<i64> = union[0]
+        .labels
+        .iter()
+        .flat_map(|row| row.iter().skip(1))
+        .copied()
+        .filter(|&l| l != IGNORE_INDEX)
+        .collect();
+    let (lo, hi) = (*present.iter().min().unwrap(), *present.iter().max().unwrap());
+    let weights = LossWeights {
+        location: Some(((lo + hi) / 2..hi + 1, 3.0)),
+    };
+    let heavy = present.iter().filter(|&&l| l >= (lo + hi) / 2).count();
+    assert!(
+        heavy > 0 && heavy < present.len(),
+        "{heavy} of {} targets weighted",
+        present.len()
+    );
+    let expected_total = (present.len() - heavy) as f64 + 3.0 * heavy as f64;
+    assert_eq!(weights.total(&union[0]), expected_total);
+    let wa = accumulate_weighted_gradients(&model, &micro, &weights, &device, 1, 2).unwrap();
+    let wb = accumulate_weighted_gradients(&model, &union, &weights, &device, 1, 1).unwrap();
+    let (gwa, _) = grads(&model, &wa.grads);
+    let (gwb, _) = grads(&model, &wb.grads);
+    let diff = max_diff(&gwa, &gwb);
+    eprintln!(
+        "weighted: loss {:.7} vs {:.7} (plain {:.7}), max |grad diff| {diff:.2e}",
+        wa.loss, wb.loss, b.loss
+    );
+    assert!((wa.loss - wb.loss).abs() <= 1e-5);
+    assert!(diff <= 1e-5, "weighted gradients differ by {diff}");
+    assert!((wb.loss - b.loss).abs() > 1e-4, "the weights changed nothing");
+    assert_eq!(wb.scored_tokens, b.scored_tokens);
+    // Uniform weights are the plain loss, exactly.
+    let u = accumulate_weighted_gradients(&model, &micro, &LossWeights::uniform(), &device, 1, 1).unwrap();
+    assert_eq!(u.loss, a.loss);
+    assert_eq!(max_diff(&grads(&model, &u.grads).0, &ga), 0.0);
 }
 
 /// A replica for another thread has the same parameter ids and values as the model.
@@ -431,6 +474,12 @@ fn configuration_errors_name_the_file_and_key() {
     c.optim.lr = -1.0;
     let msg = c.validate().unwrap_err().to_string();
     assert!(msg.contains("optim.lr"), "{msg}");
+    for bad in [0.0, -1.0, f64::NAN] {
+        let mut c = config("errors", 1, "", "lr = 1e-3", "");
+        c.loss.location_weight = bad;
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains("loss.location_weight"), "{bad}: {msg}");
+    }
 
     let missing = temp_dir("errors-missing").join("nothing");
     let msg = checkpoint::resolve(&missing).unwrap_err().to_string();
@@ -443,6 +492,8 @@ fn scratch_initialisation_trains() {
     let device = Default::default();
     let mut c = config("scratch", 2, "", "lr = 1e-3", "");
     c.model.init = ModelInit::Scratch;
+    // With location targets weighing more (the trainer finds the location tokens' ids).
+    c.loss.location_weight = 4.0;
     let mut trainer = Trainer::<AB>::new(c, device).unwrap();
     let pretrained = Kosmos2::<AB>::from_pretrained(model_dir(), &device).unwrap();
     let (ours, theirs) = (values::<AB, _>(trainer.model()), values::<AB, _>(&pretrained));
