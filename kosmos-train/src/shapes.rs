@@ -864,8 +864,8 @@ pub fn data_config(seed: u64) -> DataConfig {
     };
     DataConfig {
         sources: vec![
-            source("grounded", SourceKind::Grit, "grit.jsonl", 1.0, GritConfig::default()),
-            source("phrases", SourceKind::Grit, "phrases.jsonl", 2.0, GritConfig::default()),
+            source("grounded", SourceKind::Grit, "grit.jsonl", 2.0, GritConfig::default()),
+            source("phrases", SourceKind::Grit, "phrases.jsonl", 1.0, GritConfig::default()),
             source("refexp", SourceKind::Grit, "refexp.jsonl", 3.0, refexp),
             source(
                 "captions",

@@ -5,7 +5,8 @@
 //! 1. re-seed the backend with [`step_seed`]`(seed, step)`;
 //! 2. draw `k` micro-batches of `batch_size` rows from the resumable [`DataLoader`];
 //! 3. [`accumulate_gradients`]: forward, [`causal_lm_loss`], backward per micro-batch, each loss
-//!    weighted by its share of the step's scored tokens (see there);
+//!    weighted by its share of the step's scored tokens (see there); with `[loss]` weights,
+//!    [`weighted_causal_lm_loss`] and shares by weight ([`accumulate_weighted_gradients`]);
 //! 4. stop with [`TrainError::NonFinite`] if the loss is NaN or infinite (nothing is applied or
 //!    checkpointed);
 //! 5. clip by the global norm ([`clip_grad_norm`], `optim.max_grad_norm`);
@@ -97,6 +98,16 @@ pub fn batch_loss<B: Backend>(
     batch: &Batch,
     device: &B::Device,
 ) -> Result<Tensor<B, 1>, TrainError> {
+    let (logits, labels) = logits_and_labels(model, batch, device)?;
+    Ok(causal_lm_loss(logits, labels))
+}
+
+/// The forward pass of a batch: its logits and its labels, as tensors.
+fn logits_and_labels<B: Backend>(
+    model: &Kosmos2<B>,
+    batch: &Batch,
+    device: &B::Device,
+) -> Result<(Tensor<B, 3>, Tensor<B, 2, Int>), TrainError> {
     let t = batch.to_tensors::<B>(device);
     let has_images = t.pixel_values.is_some();
     let input = Kosmos2Input {
@@ -105,7 +116,7 @@ pub fn batch_loss<B: Backend>(
         pixel_values: t.pixel_values,
         image_embeds_position_mask: has_images.then_some(t.image_embeds_position_mask),
     };
-    Ok(causal_lm_loss(model.forward(&input)?.logits, t.labels))
+    Ok((model.forward(&input)?.logits, t.labels))
 }
 
 /// Per-target weights of the next-token loss (`[loss]` of a [`TrainConfig`]): location tokens
@@ -165,20 +176,14 @@ pub fn weighted_batch_loss<B: Backend>(
     let Some(w) = weights.tensor::<B>(batch, device) else {
         return batch_loss(model, batch, device);
     };
-    let t = batch.to_tensors::<B>(device);
-    let has_images = t.pixel_values.is_some();
-    let input = Kosmos2Input {
-        input_ids: t.input_ids,
-        attention_mask: Some(t.attention_mask),
-        pixel_values: t.pixel_values,
-        image_embeds_position_mask: has_images.then_some(t.image_embeds_position_mask),
-    };
-    Ok(weighted_causal_lm_loss(model.forward(&input)?.logits, t.labels, w))
+    let (logits, labels) = logits_and_labels(model, batch, device)?;
+    Ok(weighted_causal_lm_loss(logits, labels, w))
 }
 
 /// The gradients of one optimizer step over several micro-batches.
 pub struct Accumulated {
-    /// Mean loss over every scored token of all micro-batches.
+    /// Mean loss over every scored token of all micro-batches (the weighted mean under
+    /// [`LossWeights`]).
     pub loss: f64,
     /// The gradients of that mean loss (parameters without a gradient are absent).
     pub grads: GradientsParams,
