@@ -1,5 +1,6 @@
 //! Integration tests of kosmos-train (one test binary for the crate).
 
+mod backends;
 mod cast;
 mod clipping;
 mod collate;
