@@ -13,18 +13,10 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Mean next-token cross-entropy; `logits: [batch, len, vocab]`, `labels: [batch, len]`.
 /// Returns a scalar tensor (zero when nothing is counted).
 pub fn causal_lm_loss<B: Backend>(logits: Tensor<B, 3>, labels: Tensor<B, 2, Int>) -> Tensor<B, 1> {
-    let [b, t, v] = logits.dims();
-    if t < 2 {
-        return Tensor::zeros([1], &logits.device());
-    }
-    let logits = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
-    let targets = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-    let counted = targets.clone().not_equal_elem(IGNORE_INDEX);
-    let safe_targets = targets.mask_fill(counted.clone().bool_not(), 0);
-    let log_probs = log_softmax(logits, 1);
-    let picked = log_probs
-        .gather(1, safe_targets.reshape([b * (t - 1), 1]))
-        .reshape([b * (t - 1)]);
+    let device = logits.device();
+    let Some((picked, counted)) = target_log_probs(logits, labels) else {
+        return Tensor::zeros([1], &device);
+    };
     let weights = counted.float().cast(picked.dtype());
     let total = weights.clone().sum().clamp_min(1.0);
     (picked * weights).sum().neg() / total
@@ -40,18 +32,10 @@ pub fn weighted_causal_lm_loss<B: Backend>(
     labels: Tensor<B, 2, Int>,
     weights: Tensor<B, 2>,
 ) -> Tensor<B, 1> {
-    let [b, t, v] = logits.dims();
-    if t < 2 {
-        return Tensor::zeros([1], &logits.device());
-    }
-    let logits = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
-    let targets = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
-    let counted = targets.clone().not_equal_elem(IGNORE_INDEX);
-    let safe_targets = targets.mask_fill(counted.clone().bool_not(), 0);
-    let log_probs = log_softmax(logits, 1);
-    let picked = log_probs
-        .gather(1, safe_targets.reshape([b * (t - 1), 1]))
-        .reshape([b * (t - 1)]);
+    let [b, t] = weights.dims();
+    let Some((picked, counted)) = target_log_probs(logits, labels) else {
+        return Tensor::zeros([1], &weights.device());
+    };
     let weights = weights
         .narrow(1, 1, t - 1)
         .reshape([b * (t - 1)])
@@ -61,4 +45,25 @@ pub fn weighted_causal_lm_loss<B: Backend>(
     // Guard the empty case without flooring the weight sum at 1 (weights may be below 1).
     let total = total.clone().mask_fill(total.equal_elem(0.0), 1.0);
     (picked * weights).sum().neg() / total
+}
+
+/// The log-probability of each next-token target, `[batch * (len - 1)]` (token 0's where not counted),
+/// and which targets count; `None` for sequences shorter than 2.
+fn target_log_probs<B: Backend>(
+    logits: Tensor<B, 3>,
+    labels: Tensor<B, 2, Int>,
+) -> Option<(Tensor<B, 1>, Tensor<B, 1, Bool>)> {
+    let [b, t, v] = logits.dims();
+    if t < 2 {
+        return None;
+    }
+    let logits = logits.narrow(1, 0, t - 1).reshape([b * (t - 1), v]);
+    let targets = labels.narrow(1, 1, t - 1).reshape([b * (t - 1)]);
+    let counted = targets.clone().not_equal_elem(IGNORE_INDEX);
+    let safe_targets = targets.mask_fill(counted.clone().bool_not(), 0);
+    let log_probs = log_softmax(logits, 1);
+    let picked = log_probs
+        .gather(1, safe_targets.reshape([b * (t - 1), 1]))
+        .reshape([b * (t - 1)]);
+    Some((picked, counted))
 }

@@ -4,7 +4,6 @@
 //! is installed; without it the test says so and checks nothing else.
 
 use std::marker::PhantomData;
-use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, Optimizer};
@@ -13,10 +12,11 @@ use burn::tensor::backend::AutodiffBackend;
 use kosmos_core::backend::{AutodiffTask, BackendKind, run_autodiff_task};
 use kosmos_core::testing::repo_root;
 use kosmos_models::Kosmos2;
-use kosmos_train::TrainConfig;
 use kosmos_train::data::{Batch, CollateConfig, Collator, DataLoader};
 use kosmos_train::optim::AdamWConfig;
 use kosmos_train::trainer::accumulate_gradients;
+
+use crate::trainer::{config, values};
 
 /// One step: the loss, and per parameter (visiting order) its gradient and its value after AdamW.
 struct StepResult {
@@ -42,14 +42,6 @@ impl<B: AutodiffBackend> ModuleVisitor<B> for GradsOf<'_, B> {
     }
 }
 
-/// Every parameter's values.
-struct Values(Vec<Vec<f32>>);
-impl<B: Backend> ModuleVisitor<B> for Values {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
-        self.0.push(param.val().into_data().convert::<f32>().to_vec().unwrap());
-    }
-}
-
 impl AutodiffTask for Step {
     type Output = StepResult;
     fn run<B: AutodiffBackend>(self, device: B::Device) -> StepResult {
@@ -60,37 +52,17 @@ impl AutodiffTask for Step {
         let grads = visitor.1;
         let mut optim = AdamWConfig::new().init::<B, Kosmos2<B>>();
         let model = optim.step(self.lr, model, acc.grads);
-        let mut params = Values(Vec::new());
-        model.visit(&mut params);
         StepResult {
             loss: acc.loss,
             grads,
-            params: params.0,
+            params: values(&model),
         }
     }
 }
 
 /// Four GRIT fixture rows (pictures and grounded text), collated as the trainer does.
 fn fixture_batch() -> Batch {
-    let text = r#"
-        steps = 1
-        batch_size = 4
-        output_dir = "unused"
-        [model]
-        dir = "fixtures/generate/model"
-        [optim]
-        lr = 1e-3
-        [data]
-        seed = 3
-        max_len = 48
-        [[data.sources]]
-        name = "grit"
-        kind = "grit"
-        paths = ["fixtures/train_data/grit.jsonl"]
-        image_root = "fixtures/train_data"
-    "#;
-    let mut c = TrainConfig::from_toml_str(text, Path::new("backends.toml")).unwrap();
-    c.resolve_relative_to(&repo_root());
+    let c = config("backends", 1, "batch_size = 4", "lr = 1e-3", "");
     let collator = Collator::from_model_dir(&c.model.dir, 8, CollateConfig::from(&c.data)).unwrap();
     let mut loader = DataLoader::with_collator(c.data.clone(), collator).unwrap();
     loader.next_batch(4).unwrap()

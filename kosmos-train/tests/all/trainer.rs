@@ -32,7 +32,7 @@ fn model_dir() -> PathBuf {
 
 /// A run of `steps` steps on the GRIT fixture records in a fresh directory; `extra` TOML is
 /// appended (tables after the top-level keys).
-fn config(name: &str, steps: u64, top: &str, optim: &str, extra: &str) -> TrainConfig {
+pub(crate) fn config(name: &str, steps: u64, top: &str, optim: &str, extra: &str) -> TrainConfig {
     let text = format!(
         r#"
         steps = {steps}
@@ -80,7 +80,7 @@ impl<B: Backend> ModuleVisitor<B> for Values {
     }
 }
 
-fn values<B: Backend, M: Module<B>>(m: &M) -> Vec<Vec<f32>> {
+pub(crate) fn values<B: Backend, M: Module<B>>(m: &M) -> Vec<Vec<f32>> {
     let mut v = Values(Vec::new());
     m.visit(&mut v);
     v.0
