@@ -26,6 +26,7 @@ use burn::tensor::module::attention as fused_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType};
 
+use crate::lora::{LoraAdapter, LoraSlot, forward_with};
 use crate::positions::{Xpos, XposConfig};
 
 /// Which attention kernel to run.
@@ -95,6 +96,10 @@ impl MultiHeadAttentionConfig {
             k_proj: linear(),
             v_proj: linear(),
             out_proj: linear(),
+            q_proj_lora: None,
+            k_proj_lora: None,
+            v_proj_lora: None,
+            out_proj_lora: None,
             inner_attn_ln: self.inner_attn_ln.then(|| {
                 LayerNormConfig::new(self.embed_dim)
                     .with_epsilon(self.layer_norm_eps)
@@ -118,6 +123,14 @@ pub struct MultiHeadAttention<B: Backend> {
     pub v_proj: Linear<B>,
     /// Output projection.
     pub out_proj: Linear<B>,
+    /// LoRA adapter of `q_proj` (see [`crate::lora`]).
+    pub q_proj_lora: Option<LoraAdapter<B>>,
+    /// LoRA adapter of `k_proj`.
+    pub k_proj_lora: Option<LoraAdapter<B>>,
+    /// LoRA adapter of `v_proj`.
+    pub v_proj_lora: Option<LoraAdapter<B>>,
+    /// LoRA adapter of `out_proj`.
+    pub out_proj_lora: Option<LoraAdapter<B>>,
     /// MAGNETO sub-LayerNorm before `out_proj`.
     pub inner_attn_ln: Option<LayerNorm<B>>,
     #[module(skip)]
@@ -442,9 +455,10 @@ impl<B: Backend> MultiHeadAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, e] = query.dims();
         let kv_in = key_value.unwrap_or_else(|| query.clone());
-        let q = self.split_heads(self.q_proj.forward(query)).swap_dims(1, 2);
-        let k = self.split_heads(self.k_proj.forward(kv_in.clone()));
-        let v = self.split_heads(self.v_proj.forward(kv_in));
+        let q = forward_with(&self.q_proj, self.q_proj_lora.as_ref(), query);
+        let q = self.split_heads(q).swap_dims(1, 2);
+        let k = self.split_heads(forward_with(&self.k_proj, self.k_proj_lora.as_ref(), kv_in.clone()));
+        let v = self.split_heads(forward_with(&self.v_proj, self.v_proj_lora.as_ref(), kv_in));
         let context = match cache {
             // Decoding after a prefill: attend over the cached segments in place.
             Some(cache) if !cache.is_empty() => {
@@ -487,7 +501,33 @@ impl<B: Backend> MultiHeadAttention<B> {
             Some(ln) => ln.forward(context),
             None => context,
         };
-        self.out_proj.forward(context)
+        forward_with(&self.out_proj, self.out_proj_lora.as_ref(), context)
+    }
+
+    /// The four projections with their LoRA adapter slots.
+    pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 4] {
+        [
+            LoraSlot {
+                name: "q_proj",
+                linear: &mut self.q_proj,
+                adapter: &mut self.q_proj_lora,
+            },
+            LoraSlot {
+                name: "k_proj",
+                linear: &mut self.k_proj,
+                adapter: &mut self.k_proj_lora,
+            },
+            LoraSlot {
+                name: "v_proj",
+                linear: &mut self.v_proj,
+                adapter: &mut self.v_proj_lora,
+            },
+            LoraSlot {
+                name: "out_proj",
+                linear: &mut self.out_proj,
+                adapter: &mut self.out_proj_lora,
+            },
+        ]
     }
 }
 

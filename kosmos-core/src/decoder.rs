@@ -21,6 +21,7 @@ use crate::activation::Activation;
 use crate::attention::{
     AttentionImpl, AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttentionConfig, PositionTreatment,
 };
+use crate::lora::{LoraAdapter, LoraSlot, forward_with};
 use crate::positions::XposConfig;
 
 /// Configuration of the position-wise feed-forward network `fc1 -> act -> ffn_layernorm -> fc2`.
@@ -47,6 +48,8 @@ impl FeedForwardConfig {
         FeedForward {
             fc1: LinearConfig::new(self.embed_dim, self.ffn_dim).init(device),
             fc2: LinearConfig::new(self.ffn_dim, self.embed_dim).init(device),
+            fc1_lora: None,
+            fc2_lora: None,
             ffn_layernorm: self.subln.then(|| {
                 LayerNormConfig::new(self.ffn_dim)
                     .with_epsilon(self.layer_norm_eps)
@@ -64,6 +67,10 @@ pub struct FeedForward<B: Backend> {
     pub fc1: Linear<B>,
     /// Output projection `ffn -> embed`.
     pub fc2: Linear<B>,
+    /// LoRA adapter of `fc1` (see [`crate::lora`]).
+    pub fc1_lora: Option<LoraAdapter<B>>,
+    /// LoRA adapter of `fc2`.
+    pub fc2_lora: Option<LoraAdapter<B>>,
     /// MAGNETO sub-LayerNorm over the hidden width.
     pub ffn_layernorm: Option<LayerNorm<B>>,
     #[module(skip)]
@@ -73,12 +80,30 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// `fc2(ffn_layernorm(act(fc1(x))))`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = self.activation.forward(self.fc1.forward(x));
+        let h = self
+            .activation
+            .forward(forward_with(&self.fc1, self.fc1_lora.as_ref(), x));
         let h = match &self.ffn_layernorm {
             Some(ln) => ln.forward(h),
             None => h,
         };
-        self.fc2.forward(h)
+        forward_with(&self.fc2, self.fc2_lora.as_ref(), h)
+    }
+
+    /// The two projections with their LoRA adapter slots.
+    pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 2] {
+        [
+            LoraSlot {
+                name: "fc1",
+                linear: &mut self.fc1,
+                adapter: &mut self.fc1_lora,
+            },
+            LoraSlot {
+                name: "fc2",
+                linear: &mut self.fc2,
+                adapter: &mut self.fc2_lora,
+            },
+        ]
     }
 }
 

@@ -12,6 +12,7 @@ pub mod attention;
 pub mod backend;
 pub mod decoder;
 pub mod loader;
+pub mod lora;
 pub mod positions;
 pub mod presets;
 pub mod testing;
@@ -24,4 +25,5 @@ pub use decoder::{Decoder, DecoderCache, DecoderConfig, DecoderLayer, FeedForwar
 pub use loader::{
     KeyMap, LoadError, LoadReport, TensorFile, cast_floats, load_safetensors, load_safetensors_files, save_safetensors,
 };
+pub use lora::{LoraAdapter, LoraConfig, LoraSlot};
 pub use positions::{SinusoidalPositions, SinusoidalPositionsConfig, Xpos, XposConfig};

@@ -304,7 +304,8 @@ impl<B: Backend> Kosmos2<B> {
     /// [`Kosmos2::from_pretrained`] load: `model.safetensors` with HF's keys and layouts (the
     /// `lm_head` left out when tied, as `save_pretrained` does), written atomically, plus the
     /// configuration, tokenizer and processor files copied from `source` (the directory the
-    /// architecture came from). `out` is created if needed.
+    /// architecture came from). `out` is created if needed. LoRA adapters, if any, are merged
+    /// into the saved weights ([`Kosmos2::merge_lora`]).
     pub fn save_pretrained(&self, out: impl AsRef<Path>, source: impl AsRef<Path>) -> Result<(), Kosmos2Error> {
         let (out, source) = (out.as_ref(), source.as_ref());
         std::fs::create_dir_all(out).map_err(|e| Kosmos2Error::Missing {
@@ -320,7 +321,11 @@ impl<B: Backend> Kosmos2<B> {
                 })?;
             }
         }
-        kosmos_core::loader::save_safetensors(self, out.join("model.safetensors"), HF_KOSMOS2_SAVE)?;
+        // Adapters are folded into the weights: the HF layout has no place for them (see
+        // `save_peft_adapter` to keep them apart).
+        let merged = self.has_lora().then(|| self.clone().merge_lora());
+        let model = merged.as_ref().unwrap_or(self);
+        kosmos_core::loader::save_safetensors(model, out.join("model.safetensors"), HF_KOSMOS2_SAVE)?;
         Ok(())
     }
 

@@ -19,6 +19,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
+use kosmos_core::lora::{LoraAdapter, LoraSlot, forward_with};
 use kosmos_core::{Activation, AttentionImpl, AttentionMask, MultiHeadAttention, MultiHeadAttentionConfig};
 
 /// Configuration of a CLIP vision transformer (HF `CLIPVisionConfig` field names).
@@ -112,6 +113,8 @@ impl ClipVisionConfig {
                         mlp: ClipMlp {
                             fc1: LinearConfig::new(h, self.intermediate_size).init(device),
                             fc2: LinearConfig::new(self.intermediate_size, h).init(device),
+                            fc1_lora: None,
+                            fc2_lora: None,
                             activation: self.hidden_act,
                         },
                         layer_norm2: self.layer_norm(device),
@@ -200,6 +203,10 @@ pub struct ClipMlp<B: Backend> {
     pub fc1: Linear<B>,
     /// `intermediate -> hidden`.
     pub fc2: Linear<B>,
+    /// LoRA adapter of `fc1` (see [`kosmos_core::lora`]).
+    pub fc1_lora: Option<LoraAdapter<B>>,
+    /// LoRA adapter of `fc2`.
+    pub fc2_lora: Option<LoraAdapter<B>>,
     #[module(skip)]
     activation: Activation,
 }
@@ -207,7 +214,26 @@ pub struct ClipMlp<B: Backend> {
 impl<B: Backend> ClipMlp<B> {
     /// Apply the MLP.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2.forward(self.activation.forward(self.fc1.forward(x)))
+        let h = self
+            .activation
+            .forward(forward_with(&self.fc1, self.fc1_lora.as_ref(), x));
+        forward_with(&self.fc2, self.fc2_lora.as_ref(), h)
+    }
+
+    /// The two projections with their LoRA adapter slots.
+    pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 2] {
+        [
+            LoraSlot {
+                name: "fc1",
+                linear: &mut self.fc1,
+                adapter: &mut self.fc1_lora,
+            },
+            LoraSlot {
+                name: "fc2",
+                linear: &mut self.fc2,
+                adapter: &mut self.fc2_lora,
+            },
+        ]
     }
 }
 

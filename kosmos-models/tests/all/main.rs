@@ -4,6 +4,7 @@ mod grounding;
 mod kosmos1;
 mod kosmos2_parity;
 mod loading_errors;
+mod lora;
 mod memory;
 mod processor;
 mod save;
