@@ -27,6 +27,11 @@ pub struct ModelArgs {
     /// `builtin`): the tiny shapes-world model compiled into this binary.
     #[arg(long, value_name = "DIR")]
     pub model: Option<String>,
+    /// A LoRA adapter directory in PEFT's format (`adapter_config.json`,
+    /// `adapter_model.safetensors`; what `kosmos train` writes to `final/adapter/`), merged into
+    /// the model's weights at load time.
+    #[arg(long, value_name = "DIR")]
+    pub adapter: Option<PathBuf>,
     /// Backend and device: flex, ndarray, wgpu, cuda (optionally `cuda:1`). Default: the first
     /// compiled CPU backend.
     #[arg(long)]
@@ -37,6 +42,18 @@ pub struct ModelArgs {
     /// Attention kernel: Burn's fused attention, or the explicit softmax(QKᵀ)V product.
     #[arg(long, value_enum, default_value_t = AttentionKernel::Fused)]
     pub attention: AttentionKernel,
+}
+
+impl ModelArgs {
+    /// Load the model directory `dir` (with `--adapter` merged, in `--dtype`, with the
+    /// `--attention` kernel) on `device`.
+    pub fn load_pipeline<B: Backend>(&self, dir: &Path, device: &B::Device) -> Result<Kosmos2Pipeline<B>, String> {
+        let mut pipeline =
+            Kosmos2Pipeline::<B>::load_with_adapter(dir, self.adapter.as_deref(), device, self.dtype.dtype())
+                .map_err(|e| e.to_string())?;
+        pipeline.model.set_attention_impl(self.attention.implementation());
+        Ok(pipeline)
+    }
 }
 
 /// Attention kernel choice of the command line.
@@ -405,9 +422,7 @@ impl BackendTask for Run {
         let human = !job.output.json && std::io::stderr().is_terminal();
         let start = Instant::now();
         progress(human, &format!("loading {} ...", self.dir.display()));
-        let mut pipeline =
-            Kosmos2Pipeline::<B>::load(&self.dir, &device, job.model.dtype.dtype()).map_err(|e| e.to_string())?;
-        pipeline.model.set_attention_impl(job.model.attention.implementation());
+        let pipeline = job.model.load_pipeline::<B>(&self.dir, &device)?;
         progress(human, &format!("loaded in {:.1} s", start.elapsed().as_secs_f64()));
         let config = job.decode.apply(pipeline.generation.clone());
         let mut count = 0usize;

@@ -501,14 +501,12 @@ impl kosmos_core::backend::BackendTask for EvalRun {
 
     fn run<B: burn::prelude::Backend>(self, device: B::Device) -> Self::Output {
         use crate::generate::GenerationConfig;
-        use crate::pipeline::{Kosmos2Pipeline, Request};
+        use crate::pipeline::Request;
         use kosmos_vision::preprocess::load_rgb;
         use std::io::IsTerminal;
 
         let job = &self.job;
-        let mut pipeline =
-            Kosmos2Pipeline::<B>::load(&self.dir, &device, job.model.dtype.dtype()).map_err(|e| e.to_string())?;
-        pipeline.model.set_attention_impl(job.model.attention.implementation());
+        let pipeline = job.model.load_pipeline::<B>(&self.dir, &device)?;
         let config = GenerationConfig::greedy(job.max_new_tokens);
         let human = std::io::stderr().is_terminal();
         let start = std::time::Instant::now();

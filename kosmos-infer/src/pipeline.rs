@@ -148,6 +148,19 @@ impl<B: Backend> Kosmos2Pipeline<B> {
     /// Load a model directory (`config.json`, weights, `tokenizer.json`,
     /// `preprocessor_config.json`, optional `generation_config.json`) with parameters in `dtype`.
     pub fn load(dir: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self, PipelineError> {
+        Self::load_with_adapter(dir, None, device, dtype)
+    }
+
+    /// As [`Kosmos2Pipeline::load`], with a PEFT LoRA adapter directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`, as `kosmos train` writes to `final/adapter/` and PEFT's
+    /// `save_pretrained` writes) loaded onto the model in f32 and merged into its weights before
+    /// the parameters are cast to `dtype` (so decoding costs what the plain model costs).
+    pub fn load_with_adapter(
+        dir: impl AsRef<Path>,
+        adapter: Option<&Path>,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self, PipelineError> {
         let dir = dir.as_ref();
         check_model_dir(dir)?;
         require(dir.join("tokenizer.json"), "the tokenizer")?;
@@ -156,7 +169,15 @@ impl<B: Backend> Kosmos2Pipeline<B> {
         let images = ImageProcessor::new(ImageProcessorConfig::from_json_file(&pre)?)?;
         let processor = Kosmos2Processor::from_dir(dir, config.latent_query_num)?;
         let generation = GenerationConfig::for_model_dir(dir)?;
-        let model = Kosmos2::from_pretrained_with_dtype(dir, device, dtype)?;
+        let model = match adapter {
+            None => Kosmos2::from_pretrained_with_dtype(dir, device, dtype)?,
+            Some(adapter) => {
+                let model = Kosmos2::from_pretrained(dir, device)?
+                    .load_peft_adapter(adapter, device)?
+                    .merge_lora();
+                kosmos_core::cast_floats(model, dtype)
+            }
+        };
         Ok(Self {
             model,
             config,

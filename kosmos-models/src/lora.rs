@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use burn::prelude::*;
 use kosmos_core::loader::{LoadError, TensorFile};
-use kosmos_core::lora::{LoraConfig, LoraSlot};
+use kosmos_core::lora::{LoraAdapter, LoraConfig, LoraSlot};
 use kosmos_vision::freeze::set_trainable;
 use serde::{Deserialize, Serialize};
 
@@ -434,4 +434,38 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = path.with_file_name(format!(".{name}.tmp"));
     std::fs::write(&tmp, bytes)?;
     std::fs::rename(&tmp, path)
+}
+
+impl<B: Backend> Kosmos2<B> {
+    /// The attached adapters, in [`lora_slots`] order (clones sharing the parameters and their
+    /// ids). With [`Kosmos2::with_lora_adapters`] this saves and restores only the adapters (a
+    /// LoRA training checkpoint), keeping the parameter ids that optimizer state refers to.
+    pub fn lora_adapters(&self) -> Vec<LoraAdapter<B>> {
+        let mut model = self.clone();
+        lora_slots(&mut model)
+            .into_iter()
+            .filter_map(|s| s.slot.adapter.clone())
+            .collect()
+    }
+
+    /// Put `adapters` (as [`Kosmos2::lora_adapters`] returned them) back into the slots that
+    /// carry adapters, in order; the count must match.
+    pub fn with_lora_adapters(mut self, adapters: Vec<LoraAdapter<B>>) -> Result<Self, Kosmos2Error> {
+        let (given, mut adapters) = (adapters.len(), adapters.into_iter());
+        let mut attached = 0;
+        for s in lora_slots(&mut self) {
+            if s.slot.adapter.is_some() {
+                attached += 1;
+                if let Some(a) = adapters.next() {
+                    *s.slot.adapter = Some(a);
+                }
+            }
+        }
+        if attached != given {
+            return Err(Kosmos2Error::Input(format!(
+                "{given} LoRA adapters given for a model that carries {attached}"
+            )));
+        }
+        Ok(self)
+    }
 }

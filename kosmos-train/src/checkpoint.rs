@@ -3,6 +3,8 @@
 //! ```text
 //! <output_dir>/checkpoints/step-000010/
 //!     model.mpk      the model record (Burn named MessagePack, full precision)
+//!     adapters.mpk   instead of model.mpk in a LoRA run: the adapters only (the frozen base is
+//!                    the weights of `model.dir`)
 //!     optim.mpk      the AdamW state (moments and step count per parameter id)
 //!     state.json     TrainState: step, tokens, data loader position, RNG state, run hash
 //!     config.toml    the run's configuration (paths resolved)

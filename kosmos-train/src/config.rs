@@ -25,6 +25,8 @@
 
 use std::path::{Path, PathBuf};
 
+use kosmos_models::lora::LORA_TARGETS;
+use kosmos_models::{LoraSpec, LoraTower};
 use kosmos_vision::freeze::VisionFreeze;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -317,6 +319,70 @@ pub struct TrainConfig {
     /// Per-target weights of the next-token loss (default: the plain mean).
     #[serde(default, skip_serializing_if = "LossConfig::is_default")]
     pub loss: LossConfig,
+    /// LoRA fine-tuning: adapters on the chosen projections, everything else frozen (default:
+    /// none, every parameter not frozen by `model.freeze_vision` trains).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lora: Option<LoraTrainConfig>,
+}
+
+/// `[lora]`: parameter-efficient fine-tuning with LoRA adapters (Hu et al., 2021).
+///
+/// Adapters `scale * x A B` (`A: [in, rank]`, `B: [rank, out]`, `B` starting at zero) sit beside
+/// the chosen projections; every other parameter is frozen (so `model.freeze_vision` does not
+/// apply). Checkpoints hold only the adapters and their optimizer state; the final export merges
+/// them into a plain Hugging Face model (`final/`) and also writes them as a PEFT adapter
+/// (`final/adapter/`). Needs `model.init = "pretrained"`.
+///
+/// ```toml
+/// [lora]
+/// rank = 8
+/// alpha = 16                      # default 2 * rank
+/// targets = ["q_proj", "v_proj"]  # default: q_proj, k_proj, v_proj, out_proj, fc1, fc2
+/// towers = ["text"]               # "text" (default), "vision", "projection"
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraTrainConfig {
+    /// Rank of every adapter.
+    pub rank: usize,
+    /// Scaling numerator: the update is multiplied by `alpha / rank` (default `2 * rank`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha: Option<f64>,
+    /// Dropout on the adapters' input during training (default 0).
+    #[serde(default)]
+    pub dropout: f64,
+    /// rsLoRA scaling `alpha / sqrt(rank)` (default false).
+    #[serde(default)]
+    pub rslora: bool,
+    /// Projection names to adapt.
+    #[serde(default = "d_lora_targets")]
+    pub targets: Vec<String>,
+    /// Towers whose projections are adapted.
+    #[serde(default = "d_lora_towers")]
+    pub towers: Vec<LoraTower>,
+}
+
+fn d_lora_targets() -> Vec<String> {
+    LORA_TARGETS.iter().map(|s| s.to_string()).collect()
+}
+
+fn d_lora_towers() -> Vec<LoraTower> {
+    vec![LoraTower::Text]
+}
+
+impl LoraTrainConfig {
+    /// The adapter specification for [`kosmos_models::Kosmos2::attach_lora`].
+    pub fn spec(&self) -> LoraSpec {
+        let mut spec = LoraSpec::new(self.rank);
+        spec.adapter = spec
+            .adapter
+            .with_alpha(self.alpha.unwrap_or(2.0 * self.rank as f64))
+            .with_dropout(self.dropout)
+            .with_rslora(self.rslora);
+        spec.targets = self.targets.clone();
+        spec.towers = self.towers.clone();
+        spec
+    }
 }
 
 /// `[loss]`: per-target weights of the next-token loss.
@@ -432,6 +498,18 @@ impl TrainConfig {
         let lw = self.loss.location_weight;
         if !(lw.is_finite() && lw > 0.0) {
             return bad("loss.location_weight", "finite and > 0", lw.to_string());
+        }
+        if let Some(lora) = &self.lora {
+            lora.spec()
+                .validate()
+                .map_err(|e| TrainError::Invalid(format!("`lora`: {e}")))?;
+            if self.model.init != ModelInit::Pretrained {
+                return bad(
+                    "model.init",
+                    "\"pretrained\" with [lora] (LoRA adapts a trained model)",
+                    format!("{:?}", self.model.init).to_lowercase(),
+                );
+            }
         }
         if self.checkpoint.keep_last == 0 {
             return bad("checkpoint.keep_last", ">= 1", "0".into());

@@ -45,7 +45,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use burn::module::{AutodiffModule, Module, ModuleMapper, Param};
+use burn::module::{AutodiffModule, Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
@@ -314,6 +314,23 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Fork {
     }
 }
 
+/// `(all, trainable)` parameter counts of `model`.
+pub fn param_counts<B: AutodiffBackend>(model: &Kosmos2<B>) -> (usize, usize) {
+    struct Count(usize, usize);
+    impl<B: Backend> ModuleVisitor<B> for Count {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            let n = param.val().shape().num_elements();
+            self.0 += n;
+            if param.val().is_require_grad() {
+                self.1 += n;
+            }
+        }
+    }
+    let mut count = Count(0, 0);
+    model.visit(&mut count);
+    (count.0, count.1)
+}
+
 /// Forces Burn's lazily initialised parameters (so that clones share values).
 struct Materialize;
 impl<B: Backend> ModuleMapper<B> for Materialize {}
@@ -356,7 +373,8 @@ fn location_rows(model_dir: &Path, model_config: &Kosmos2Config, what: &str) -> 
 }
 
 /// Export the model of a checkpoint in the Hugging Face layout (what the trainer writes to
-/// `output_dir/final/` after the last step): `dir` is a checkpoint directory, a run's
+/// `output_dir/final/` after the last step; a LoRA run's adapters merged, and also written as a
+/// PEFT adapter to `out/adapter/`): `dir` is a checkpoint directory, a run's
 /// `checkpoints/` directory or the run directory (then the newest checkpoint). The tokenizer and
 /// processor files come from the run's `model.dir`. Returns the checkpoint exported.
 pub fn export_checkpoint<B: Backend>(dir: &Path, out: &Path, device: &B::Device) -> Result<PathBuf, TrainError> {
@@ -364,11 +382,45 @@ pub fn export_checkpoint<B: Backend>(dir: &Path, out: &Path, device: &B::Device)
     let (_, config) = checkpoint::read(&step_dir)?;
     let model_config = Kosmos2Config::from_json_file(config.model.dir.join("config.json"))
         .map_err(kosmos_models::Kosmos2Error::from)?;
-    let model = Kosmos2::<B>::new(&model_config, device)
-        .load_file(step_dir.join("model"), &FileRecorder::new(), device)
-        .map_err(|e| TrainError::checkpoint(&step_dir.join("model.mpk"), e.to_string()))?;
-    model.save_pretrained(out, &config.model.dir)?;
+    let model = checkpoint_model::<B>(&step_dir, &config, &model_config, device)?;
+    save_model(&model, &config, out)?;
     Ok(step_dir)
+}
+
+/// The model of checkpoint `step_dir` of the run `config`: the whole model record, or (LoRA)
+/// the base model from `model.dir` with the checkpoint's adapters (their parameter ids kept,
+/// which the optimizer state refers to).
+fn checkpoint_model<B: Backend>(
+    step_dir: &Path,
+    config: &TrainConfig,
+    model_config: &Kosmos2Config,
+    device: &B::Device,
+) -> Result<Kosmos2<B>, TrainError> {
+    let recorder = FileRecorder::new();
+    match &config.lora {
+        None => Kosmos2::<B>::new(model_config, device)
+            .load_file(step_dir.join("model"), &recorder, device)
+            .map_err(|e| TrainError::checkpoint(&step_dir.join("model.mpk"), e.to_string())),
+        Some(lora) => {
+            let (model, _) =
+                Kosmos2::<B>::from_pretrained(&config.model.dir, device)?.attach_lora(&lora.spec(), device)?;
+            let adapters = model
+                .lora_adapters()
+                .load_file(step_dir.join("adapters"), &recorder, device)
+                .map_err(|e| TrainError::checkpoint(&step_dir.join("adapters.mpk"), e.to_string()))?;
+            Ok(model.with_lora_adapters(adapters)?)
+        }
+    }
+}
+
+/// Write `model` as a Hugging Face directory at `out` (adapters merged) and, for a LoRA run,
+/// its adapters as a PEFT adapter directory at `out/adapter/`.
+fn save_model<B: Backend>(model: &Kosmos2<B>, config: &TrainConfig, out: &Path) -> Result<(), TrainError> {
+    model.save_pretrained(out, &config.model.dir)?;
+    if config.lora.is_some() {
+        model.save_peft_adapter(out.join("adapter"), &config.model.dir.display().to_string())?;
+    }
+    Ok(())
 }
 
 /// The loader of a data configuration with the model's tokenizer and image processor.
@@ -445,6 +497,10 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         }
         .map(&mut Materialize);
+        let model = match &config.lora {
+            Some(lora) => model.attach_lora(&lora.spec(), &device)?.0,
+            None => model,
+        };
         std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;
         let copy = config.output_dir.join("config.toml");
         std::fs::write(&copy, config.to_toml()?).map_err(|e| TrainError::io(&copy, e))?;
@@ -476,9 +532,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         stored.validate()?;
         let model_config = Self::model_config(&stored)?;
         let recorder = FileRecorder::new();
-        let model = Kosmos2::<B>::new(&model_config, &device)
-            .load_file(step_dir.join("model"), &recorder, &device)
-            .map_err(|e| TrainError::checkpoint(&step_dir.join("model.mpk"), e.to_string()))?;
+        let model = checkpoint_model::<B>(&step_dir, &stored, &model_config, &device)?;
         let mut trainer = Self::assemble(stored, model_config, model, device, state.step)?;
         let optim_path = step_dir.join("optim");
         let record = Recorder::<B>::load(&recorder, optim_path.clone(), &trainer.device)
@@ -503,6 +557,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         step: u64,
     ) -> Result<Self, TrainError> {
         model.vision_model.model = freeze_vision(model.vision_model.model, config.model.freeze_vision);
+        if config.lora.is_some() {
+            model = model.train_only_lora();
+        }
         let o = &config.optim;
         let optim = AdamWConfig::new()
             .with_beta_1(o.beta_1)
@@ -523,6 +580,14 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         };
         let metrics = MetricsLog::open(&config.output_dir, config.log.format, step)?;
+        if config.log.progress {
+            let (total, trainable) = param_counts(&model);
+            let lora = match &config.lora {
+                Some(l) => format!(", LoRA rank {} on {} projections", l.rank, model.lora_adapters().len()),
+                None => String::new(),
+            };
+            eprintln!("parameters: {total} ({trainable} trainable{lora})");
+        }
         Ok(Self {
             run_hash: config.run_hash(),
             schedule: config.schedule(),
@@ -649,10 +714,18 @@ impl<B: AutodiffBackend> Trainer<B> {
         let dir = self.config.output_dir.join("checkpoints");
         let path = checkpoint::write(&dir, &state, &self.config, self.config.checkpoint.keep_last, |tmp| {
             let recorder = FileRecorder::new();
-            self.model
-                .clone()
-                .save_file(tmp.join("model"), &recorder)
-                .map_err(|e| TrainError::io(&tmp.join("model.mpk"), e))?;
+            if self.config.lora.is_some() {
+                // The frozen base is `model.dir`'s weights: only the adapters are saved.
+                self.model
+                    .lora_adapters()
+                    .save_file(tmp.join("adapters"), &recorder)
+                    .map_err(|e| TrainError::io(&tmp.join("adapters.mpk"), e))?;
+            } else {
+                self.model
+                    .clone()
+                    .save_file(tmp.join("model"), &recorder)
+                    .map_err(|e| TrainError::io(&tmp.join("model.mpk"), e))?;
+            }
             Recorder::<B>::record(&recorder, self.optim.to_record(), tmp.join("optim"))
                 .map_err(|e| TrainError::io(&tmp.join("optim.mpk"), e))?;
             Ok(())
@@ -662,10 +735,11 @@ impl<B: AutodiffBackend> Trainer<B> {
     }
 
     /// Write the current model as a Hugging Face directory at `output_dir/final/` (see
-    /// [`crate::config::CheckpointConfig::export_final`]); returns its path.
+    /// [`crate::config::CheckpointConfig::export_final`]; a LoRA run's adapters merged, and also
+    /// written as a PEFT adapter to `final/adapter/`); returns its path.
     pub fn export_final(&self) -> Result<PathBuf, TrainError> {
         let out = self.config.output_dir.join("final");
-        self.model.save_pretrained(&out, &self.config.model.dir)?;
+        save_model(&self.model, &self.config, &out)?;
         Ok(out)
     }
 

@@ -401,3 +401,68 @@ fn wgpu_cli_gives_the_cpu_tokens() {
     };
     assert_eq!(run("wgpu"), run("flex"));
 }
+
+/// `--adapter` merges a PEFT LoRA adapter at load time: the tokens equal those of the merged
+/// model saved as a plain directory, and differ from the base model's.
+#[test]
+fn adapter_flag_runs_the_merged_model() {
+    use burn::prelude::*;
+    use kosmos_models::lora::lora_slots;
+    type B = burn::backend::Flex;
+    let fx = fixture();
+    let model_dir = fx.dir.join("model");
+    let device = Default::default();
+    // Adapters with seeded random, non-zero factors on the text decoder.
+    B::seed(&device, 17);
+    let (mut model, _) = kosmos_models::Kosmos2::<B>::from_pretrained(&model_dir, &device)
+        .unwrap()
+        .attach_lora(&kosmos_models::LoraSpec::new(4), &device)
+        .unwrap();
+    for s in lora_slots(&mut model) {
+        if let Some(a) = s.slot.adapter.as_mut() {
+            let shape = a.lora_b.dims();
+            let b = Tensor::<B, 2>::random(shape, burn::tensor::Distribution::Normal(0.0, 0.5), &device);
+            a.lora_b = burn::module::Param::from_tensor(b);
+        }
+    }
+    let adapter = tmp("adapter");
+    model.save_peft_adapter(&adapter, "fixtures/generate/model").unwrap();
+    let merged = tmp("merged");
+    model.save_pretrained(&merged, &model_dir).unwrap();
+
+    let image = fx.dir.join("images/a.png");
+    let run = |model: &Path, adapter: Option<&Path>| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            path(model),
+            "--image",
+            path(&image),
+            "--prompt",
+            "<grounding>An image of",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", path(a)]);
+        }
+        json_lines(&kosmos(&args))[0]["token_ids"].clone()
+    };
+    let with_adapter = run(&model_dir, Some(&adapter));
+    assert_eq!(with_adapter, run(&merged, None));
+    assert_ne!(with_adapter, run(&model_dir, None));
+
+    assert_clear_error(
+        &kosmos(&[
+            "generate",
+            "--model",
+            path(&model_dir),
+            "--prompt",
+            "x",
+            "--adapter",
+            "/nonexistent/adapter",
+        ]),
+        "/nonexistent/adapter/adapter_config.json",
+    );
+}

@@ -8,6 +8,7 @@ mod common;
 mod config;
 mod errors;
 mod grit_parity;
+mod lora;
 mod packing;
 mod sampler;
 mod schedule;
