@@ -22,6 +22,6 @@ fi
 cargo test --workspace "${features[@]}"
 
 # The book's examples are run (they are included in its chapters).
-for example in decoder backend_task vision kosmos2 generate data train shapes; do
+for example in decoder backend_task vision kosmos2 generate data train lora shapes; do
     "${CARGO_TARGET_DIR:-target}/debug/examples/$example"
 done
