@@ -213,6 +213,13 @@ macro_rules! dispatch {
 
 type Plain<B> = B;
 type WithAutodiff<B> = burn::backend::Autodiff<B>;
+type WithCheckpointing<B> = burn::backend::Autodiff<B, BalancedCheckpointing>;
+
+/// Burn's gradient-checkpointing strategy: during the backward pass, the results of operations
+/// marked memory-bound (element-wise operations, activations, reshapes...) are recomputed from
+/// their inputs instead of being kept from the forward pass; compute-bound ones (matrix
+/// products) keep their results.
+pub use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 
 /// Run `task` on the backend named by `device` (e.g. `"flex"`, `"cuda:1"`).
 pub fn run_task<T: BackendTask>(device: &str, task: T) -> Result<T::Output, BackendError> {
@@ -228,4 +235,21 @@ pub fn run_autodiff_task<T: AutodiffTask>(device: &str, task: T) -> Result<T::Ou
     #[allow(unused_variables)]
     let task = task;
     dispatch!(spec, WithAutodiff, |B, device| task.run::<B>(device))
+}
+
+/// As [`run_autodiff_task`]; with `checkpointing`, on the autodiff backend with Burn's
+/// [`BalancedCheckpointing`] (gradient checkpointing: less activation memory, some recomputation
+/// in the backward pass, the same gradients).
+pub fn run_autodiff_task_with<T: AutodiffTask>(
+    device: &str,
+    task: T,
+    checkpointing: bool,
+) -> Result<T::Output, BackendError> {
+    if !checkpointing {
+        return run_autodiff_task(device, task);
+    }
+    let spec: DeviceSpec = device.parse()?;
+    #[allow(unused_variables)]
+    let task = task;
+    dispatch!(spec, WithCheckpointing, |B, device| task.run::<B>(device))
 }

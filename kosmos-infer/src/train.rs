@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use kosmos_train::{TrainConfig, TrainTask, run_autodiff_task};
+use kosmos_train::{TrainConfig, TrainTask};
 
 /// Train (or resume) and describe the result in a few lines.
 pub fn run(
@@ -24,9 +24,7 @@ pub fn run(
         resume: resume.map(Path::to_path_buf),
         stop_after,
     };
-    let summary = run_autodiff_task(device, task)
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+    let summary = task.run_on(device).map_err(|e| e.to_string())?;
     let mut out = format!("trained to step {}", summary.step);
     if let Some(last) = summary.steps.last() {
         out.push_str(&format!(" (loss {:.4})", last.loss));

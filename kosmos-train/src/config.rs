@@ -295,6 +295,13 @@ pub struct TrainConfig {
     /// number of cores and split the batch into that many micro-batches (`grad_accumulation`).
     #[serde(default = "d_one", skip_serializing_if = "is_one")]
     pub parallel_micro_batches: usize,
+    /// Gradient checkpointing (default false): `kosmos train` runs on the autodiff backend with
+    /// Burn's balanced checkpointing strategy, which recomputes the results of memory-bound
+    /// operations in the backward pass instead of keeping them, trading time for activation
+    /// memory; the gradients are the same. It does not change the run (a run may resume with
+    /// it switched), so it is not part of [`TrainConfig::run_hash`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub gradient_checkpointing: bool,
     /// Base seed: scratch initialisation and the per-step seeds (`step_seed(seed, step)`); the
     /// data order has its own `data.seed`.
     #[serde(default)]
@@ -542,12 +549,14 @@ impl TrainConfig {
     }
 
     /// SHA-256 (hex) of everything that defines the run: the configuration without
-    /// `output_dir` (a run directory may be moved) and without `log` (how progress is shown).
+    /// `output_dir` (a run directory may be moved), without `log` (how progress is shown) and
+    /// without `gradient_checkpointing` (how gradients are computed, not what they are).
     /// A checkpoint records it; resuming with a different configuration is refused.
     pub fn run_hash(&self) -> String {
         let mut c = self.clone();
         c.output_dir = PathBuf::new();
         c.log = LogConfig::default();
+        c.gradient_checkpointing = false;
         let json = serde_json::to_string(&c).expect("the configuration serialises");
         let digest = Sha256::digest(json.as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -804,6 +804,26 @@ pub struct TrainTask {
     pub stop_after: Option<u64>,
 }
 
+impl TrainTask {
+    /// Whether the run uses gradient checkpointing: the given configuration's setting, or (a
+    /// resume without one) the checkpoint's.
+    pub fn gradient_checkpointing(&self) -> Result<bool, TrainError> {
+        match (&self.config, &self.resume) {
+            (Some(c), _) => Ok(c.gradient_checkpointing),
+            (None, Some(dir)) => Ok(checkpoint::read(&checkpoint::resolve(dir)?)?.1.gradient_checkpointing),
+            (None, None) => Ok(false),
+        }
+    }
+
+    /// Run on the backend named `device` (`flex`, `cuda:1`, ...), with gradient checkpointing
+    /// when the run asks for it ([`TrainTask::gradient_checkpointing`]).
+    pub fn run_on(self, device: &str) -> Result<RunSummary, TrainError> {
+        let checkpointing = self.gradient_checkpointing()?;
+        kosmos_core::backend::run_autodiff_task_with(device, self, checkpointing)
+            .map_err(|e| TrainError::Invalid(e.to_string()))?
+    }
+}
+
 impl AutodiffTask for TrainTask {
     type Output = Result<RunSummary, TrainError>;
 

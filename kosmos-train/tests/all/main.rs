@@ -2,6 +2,7 @@
 
 mod backends;
 mod cast;
+mod checkpointing;
 mod clipping;
 mod collate;
 mod common;
