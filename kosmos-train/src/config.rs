@@ -295,6 +295,15 @@ pub struct TrainConfig {
     /// number of cores and split the batch into that many micro-batches (`grad_accumulation`).
     #[serde(default = "d_one", skip_serializing_if = "is_one")]
     pub parallel_micro_batches: usize,
+    /// Data parallelism over several devices of the backend chosen at run time (default: none,
+    /// everything on the `--device` given): device indices, e.g. `[0, 1]` for `cuda:0` and
+    /// `cuda:1`. Each group of `max(parallel_micro_batches, devices)` micro-batches is spread
+    /// over replicas of the model on these devices, one thread each; their gradients are summed
+    /// on the `--device` (which holds the model and the optimizer state). Set
+    /// `grad_accumulation` to a multiple of the number of devices. On a CPU backend every index
+    /// is the one CPU (replicas on one device, as `parallel_micro_batches`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub devices: Vec<u16>,
     /// Gradient checkpointing (default false): `kosmos train` runs on the autodiff backend with
     /// Burn's balanced checkpointing strategy, which recomputes the results of memory-bound
     /// operations in the backward pass instead of keeping them, trading time for activation
@@ -478,6 +487,10 @@ impl TrainConfig {
         }
         if self.parallel_micro_batches == 0 {
             return bad("parallel_micro_batches", ">= 1", "0".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(d) = self.devices.iter().find(|d| !seen.insert(**d)) {
+            return bad("devices", "distinct device indices", format!("{d} twice"));
         }
         if self.grad_accumulation == 0 {
             return bad("grad_accumulation", ">= 1", "0".into());

@@ -7,6 +7,7 @@ mod clipping;
 mod collate;
 mod common;
 mod config;
+mod data_parallel;
 mod errors;
 mod grit_parity;
 mod lora;
