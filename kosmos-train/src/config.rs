@@ -304,6 +304,12 @@ pub struct TrainConfig {
     /// is the one CPU (replicas on one device, as `parallel_micro_batches`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub devices: Vec<u16>,
+    /// Float type of the forward and backward passes (default `"f32"`). `"bf16"` is mixed
+    /// precision: each step computes with bf16 copies of the f32 parameters, takes the loss in
+    /// f32, and hands f32 gradients to the f32 optimizer (the parameters and the optimizer state
+    /// stay f32). Needs a backend with bf16 kernels (flex, cuda).
+    #[serde(default, skip_serializing_if = "Precision::is_f32")]
+    pub precision: Precision,
     /// Gradient checkpointing (default false): `kosmos train` runs on the autodiff backend with
     /// Burn's balanced checkpointing strategy, which recomputes the results of memory-bound
     /// operations in the backward pass instead of keeping them, trading time for activation
@@ -398,6 +404,31 @@ impl LoraTrainConfig {
         spec.targets = self.targets.clone();
         spec.towers = self.towers.clone();
         spec
+    }
+}
+
+/// Float type of the training computation ([`TrainConfig::precision`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Precision {
+    /// Everything in f32.
+    #[default]
+    F32,
+    /// Mixed precision: bf16 forward and backward, f32 parameters, loss and optimizer.
+    Bf16,
+}
+
+impl Precision {
+    /// The compute dtype.
+    pub fn dtype(self) -> burn::tensor::DType {
+        match self {
+            Self::F32 => burn::tensor::DType::F32,
+            Self::Bf16 => burn::tensor::DType::BF16,
+        }
+    }
+
+    fn is_f32(&self) -> bool {
+        *self == Self::F32
     }
 }
 

@@ -50,8 +50,10 @@ use burn::optim::adaptor::OptimizerAdaptor;
 use burn::optim::{AdamW, GradientsAccumulator, GradientsParams, Optimizer};
 use burn::prelude::*;
 use burn::record::{FullPrecisionSettings, NamedMpkFileRecorder, Recorder};
+use burn::tensor::DType;
 use burn::tensor::backend::AutodiffBackend;
 use kosmos_core::backend::AutodiffTask;
+use kosmos_core::cast_floats;
 use kosmos_models::grounding::patch_index_token;
 use kosmos_models::loss::{IGNORE_INDEX, causal_lm_loss, weighted_causal_lm_loss};
 use kosmos_models::processor::Kosmos2Processor;
@@ -116,7 +118,14 @@ fn logits_and_labels<B: Backend>(
         pixel_values: t.pixel_values,
         image_embeds_position_mask: has_images.then_some(t.image_embeds_position_mask),
     };
-    Ok((model.forward(&input)?.logits, t.labels))
+    let logits = model.forward(&input)?.logits;
+    // The loss is taken in f32 also when the model computes in a lower precision.
+    let logits = if logits.dtype() == DType::F32 {
+        logits
+    } else {
+        logits.cast(DType::F32)
+    };
+    Ok((logits, t.labels))
 }
 
 /// Per-target weights of the next-token loss (`[loss]` of a [`TrainConfig`]): location tokens
@@ -237,7 +246,32 @@ pub fn accumulate_weighted_gradients<B: AutodiffBackend>(
     step: u64,
     threads: usize,
 ) -> Result<Accumulated, TrainError> {
-    accumulate_on_devices(model, batches, weights, device, step, threads, &[])
+    accumulate_on_devices(model, batches, weights, device, step, &Workers::threads(threads))
+}
+
+/// How the micro-batches of a step are computed: on how many threads, on which devices, in which
+/// float type.
+#[derive(Clone, Debug)]
+pub struct Workers<B: Backend> {
+    /// Micro-batches computed at the same time (each on its own thread and model replica).
+    pub threads: usize,
+    /// Devices of the replicas (empty: the main device).
+    pub devices: Vec<B::Device>,
+    /// The float type of the forward and backward passes: `F32`, or `BF16` for mixed precision
+    /// (bf16 copies of the f32 parameters compute; the loss is taken in f32 from f32 logits; the
+    /// gradients come back as f32 for the f32 parameters and the optimizer).
+    pub compute: DType,
+}
+
+impl<B: Backend> Workers<B> {
+    /// `threads` replicas on the main device, in f32.
+    pub fn threads(threads: usize) -> Self {
+        Self {
+            threads,
+            devices: Vec::new(),
+            compute: DType::F32,
+        }
+    }
 }
 
 /// Data parallelism over several devices: [`accumulate_weighted_gradients`] with micro-batch
@@ -253,9 +287,10 @@ pub fn accumulate_on_devices<B: AutodiffBackend>(
     weights: &LossWeights,
     device: &B::Device,
     step: u64,
-    threads: usize,
-    devices: &[B::Device],
+    workers: &Workers<B>,
 ) -> Result<Accumulated, TrainError> {
+    let (threads, devices, compute) = (workers.threads, workers.devices.as_slice(), workers.compute);
+    let mixed = compute != DType::F32;
     let counts: Vec<f64> = batches.iter().map(|b| weights.total(b)).collect();
     let total_weight: f64 = counts.iter().sum();
     let total: u64 = batches.iter().map(scored_tokens).sum();
@@ -286,7 +321,10 @@ pub fn accumulate_on_devices<B: AutodiffBackend>(
                 last_checkpoint: None,
             });
         }
-        let grads = GradientsParams::from_grads(l.mul_scalar(share).backward(), replica);
+        let mut grads = GradientsParams::from_grads(l.mul_scalar(share).backward(), replica);
+        if mixed {
+            grads_to_f32(replica, &mut grads);
+        }
         let grads = if devices.is_empty() {
             grads
         } else {
@@ -296,27 +334,33 @@ pub fn accumulate_on_devices<B: AutodiffBackend>(
     };
     let group = threads.max(devices.len()).max(1);
     for chunk in work.chunks(group) {
-        let results: Vec<Result<(f64, GradientsParams), TrainError>> = if chunk.len() == 1 && devices.is_empty() {
-            vec![one(model, device, chunk[0].0, chunk[0].1)]
-        } else {
-            let replicas: Vec<(Kosmos2<B>, B::Device)> = (0..chunk.len())
-                .map(|i| match devices.get(i % devices.len().max(1)) {
-                    Some(d) => (model.clone().fork(d), d.clone()),
-                    _ => (fork(model), device.clone()),
-                })
-                .collect();
-            std::thread::scope(|scope| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .zip(&replicas)
-                    .map(|(&(batch, share), (replica, on))| scope.spawn(move || one(replica, on, batch, share)))
+        let results: Vec<Result<(f64, GradientsParams), TrainError>> =
+            if chunk.len() == 1 && devices.is_empty() && !mixed {
+                vec![one(model, device, chunk[0].0, chunk[0].1)]
+            } else {
+                let replicas: Vec<(Kosmos2<B>, B::Device)> = (0..chunk.len())
+                    .map(|i| {
+                        let (replica, on) = match devices.get(i % devices.len().max(1)) {
+                            Some(d) => (model.clone().fork(d), d.clone()),
+                            _ => (fork(model), device.clone()),
+                        };
+                        // Mixed precision: the replica's parameters are low-precision leaves with the
+                        // f32 parameters' ids.
+                        (if mixed { cast_floats(replica, compute) } else { replica }, on)
+                    })
                     .collect();
-                handles
-                    .into_iter()
-                    .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-                    .collect()
-            })
-        };
+                std::thread::scope(|scope| {
+                    let handles: Vec<_> = chunk
+                        .iter()
+                        .zip(&replicas)
+                        .map(|(&(batch, share), (replica, on))| scope.spawn(move || one(replica, on, batch, share)))
+                        .collect();
+                    handles
+                        .into_iter()
+                        .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+                        .collect()
+                })
+            };
         for (&(_, share), r) in chunk.iter().zip(results) {
             let (value, grads) = r?;
             loss += value * share;
@@ -346,6 +390,20 @@ impl<B: AutodiffBackend> ModuleMapper<B> for Fork {
         let tensor = tensor.detach();
         Param::from_mapped_value(id, if tracked { tensor.require_grad() } else { tensor }, mapper)
     }
+}
+
+/// Bring every gradient of `model`'s parameters in `grads` to f32 (mixed precision: gradients
+/// of low-precision parameter copies, for the f32 parameters with the same ids).
+fn grads_to_f32<B: AutodiffBackend>(model: &Kosmos2<B>, grads: &mut GradientsParams) {
+    struct ToF32<'a>(&'a mut GradientsParams);
+    impl<B: AutodiffBackend> ModuleVisitor<B> for ToF32<'_> {
+        fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<B, D>>) {
+            if let Some(g) = self.0.remove::<B::InnerBackend, D>(param.id) {
+                self.0.register(param.id, g.cast(DType::F32));
+            }
+        }
+    }
+    model.visit(&mut ToF32(grads));
 }
 
 /// The device with index `index` of the same kind as `device` (`cuda:1` for `cuda:0` and 1;
@@ -496,7 +554,7 @@ pub struct Trainer<B: AutodiffBackend> {
     schedule: LrSchedule,
     latents: usize,
     loss_weights: LossWeights,
-    devices: Vec<B::Device>,
+    workers: Workers<B>,
     step: u64,
     tokens: u64,
     metrics: MetricsLog,
@@ -626,7 +684,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
         };
         let metrics = MetricsLog::open(&config.output_dir, config.log.format, step)?;
-        let devices = config.devices.iter().map(|&i| device_at::<B>(&device, i)).collect();
+        let workers = Workers {
+            threads: config.parallel_micro_batches,
+            devices: config.devices.iter().map(|&i| device_at::<B>(&device, i)).collect(),
+            compute: config.precision.dtype(),
+        };
         if config.log.progress {
             let (total, trainable) = param_counts(&model);
             let lora = match &config.lora {
@@ -645,7 +707,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             loader,
             latents,
             loss_weights,
-            devices,
+            workers,
             step,
             tokens: 0,
             metrics,
@@ -693,15 +755,13 @@ impl<B: AutodiffBackend> Trainer<B> {
             value,
             last_checkpoint: last.clone(),
         };
-        let threads = self.config.parallel_micro_batches;
         let acc = accumulate_on_devices(
             &self.model,
             &batches,
             &self.loss_weights,
             &self.device,
             step,
-            threads,
-            &self.devices,
+            &self.workers,
         )
         .map_err(|e| match e {
             TrainError::NonFinite { value, .. } => non_finite("loss", value, &self.last_checkpoint),

@@ -145,6 +145,13 @@ impl<B: Backend> ClipEmbeddings<B> {
     /// `interpolate_pos_encoding=True`); otherwise the input must have the trained size.
     pub fn forward(&self, pixels: Tensor<B, 4>, interpolate_positions: bool) -> Tensor<B, 3> {
         let [b, _, height, width] = pixels.dims();
+        // Pixels come in f32; a model held in f16/bf16 embeds them in its own dtype.
+        let dtype = self.patch_embedding.weight.val().dtype();
+        let pixels = if pixels.dtype() == dtype {
+            pixels
+        } else {
+            pixels.cast(dtype)
+        };
         let patches = self.patch_embedding.forward(pixels); // [B, h, gh, gw]
         let [_, hidden, gh, gw] = patches.dims();
         let patches = patches.flatten::<3>(2, 3).swap_dims(1, 2); // [B, gh*gw, h]

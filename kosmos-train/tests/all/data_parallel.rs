@@ -9,7 +9,7 @@ use kosmos_core::testing::repo_root;
 use kosmos_models::Kosmos2;
 use kosmos_train::Trainer;
 use kosmos_train::data::{CollateConfig, Collator, DataLoader};
-use kosmos_train::trainer::{LossWeights, accumulate_on_devices, accumulate_weighted_gradients, device_at};
+use kosmos_train::trainer::{LossWeights, Workers, accumulate_on_devices, accumulate_weighted_gradients, device_at};
 
 use crate::TB;
 use crate::trainer::{config, values};
@@ -35,7 +35,12 @@ fn two_workers_equal_one_worker_with_the_doubled_batch() {
     let devices = [device_at::<AB>(&device, 0), device_at::<AB>(&device, 1)];
     let model = Kosmos2::<AB>::from_pretrained(&model_dir, &device).unwrap();
     let uniform = LossWeights::uniform();
-    let two = accumulate_on_devices(&model, &micro, &uniform, &device, 1, 1, &devices).unwrap();
+    let workers = Workers {
+        threads: 1,
+        devices: devices.to_vec(),
+        compute: burn::tensor::DType::F32,
+    };
+    let two = accumulate_on_devices(&model, &micro, &uniform, &device, 1, &workers).unwrap();
     let one = accumulate_weighted_gradients(&model, &union, &uniform, &device, 1, 1).unwrap();
     assert_eq!(two.scored_tokens, one.scored_tokens);
     struct Pairs<'a>(

@@ -11,6 +11,7 @@ mod data_parallel;
 mod errors;
 mod grit_parity;
 mod lora;
+mod mixed_precision;
 mod packing;
 mod sampler;
 mod schedule;
