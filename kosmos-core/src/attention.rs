@@ -149,6 +149,10 @@ pub struct AttentionMask<B: Backend> {
     pub causal: bool,
     /// Key padding, `[batch, keys]`, `true` where the key is padding (covers cached keys too).
     pub key_padding: Option<Tensor<B, 2, Bool>>,
+    /// Document of each key, `[batch, keys]` (rows packing several documents): a query sees only
+    /// keys of its own document (the queries are the last `queries` keys). `None`: one document
+    /// per row.
+    pub documents: Option<Tensor<B, 2, Int>>,
 }
 
 impl<B: Backend> AttentionMask<B> {
@@ -157,6 +161,7 @@ impl<B: Backend> AttentionMask<B> {
         Self {
             causal: false,
             key_padding: None,
+            documents: None,
         }
     }
 
@@ -165,6 +170,7 @@ impl<B: Backend> AttentionMask<B> {
         Self {
             causal: true,
             key_padding: None,
+            documents: None,
         }
     }
 
@@ -174,6 +180,16 @@ impl<B: Backend> AttentionMask<B> {
         Self {
             causal: true,
             key_padding: Some(attention_mask.equal_elem(0)),
+            documents: None,
+        }
+    }
+
+    /// This mask, with attention kept inside documents (`[batch, keys]` document ids, see
+    /// [`AttentionMask::documents`]).
+    pub fn with_documents(self, documents: Tensor<B, 2, Int>) -> Self {
+        Self {
+            documents: Some(documents),
+            ..self
         }
     }
 
@@ -194,15 +210,27 @@ impl<B: Backend> AttentionMask<B> {
             assert_eq!(pb, batch, "key padding mask has batch {pb}, attention has {batch}");
             p.clone().reshape([batch, 1, 1, keys])
         });
-        match (causal, padding) {
-            (None, None) => None,
-            (Some(c), None) => Some(c.expand([batch, 1, queries, keys])),
-            (None, Some(p)) => Some(p.expand([batch, 1, queries, keys])),
-            (Some(c), Some(p)) => Some(
-                c.expand([batch, 1, queries, keys])
-                    .bool_or(p.expand([batch, 1, queries, keys])),
-            ),
-        }
+        let documents = self.documents.as_ref().map(|d| {
+            let [db, dk] = d.dims();
+            assert_eq!(
+                (db, dk),
+                (batch, keys),
+                "document ids are [{db}, {dk}], attention has [{batch}, {keys}]"
+            );
+            let q = d
+                .clone()
+                .narrow(1, keys - queries, queries)
+                .reshape([batch, 1, queries, 1]);
+            let k = d.clone().reshape([batch, 1, 1, keys]);
+            q.expand([batch, 1, queries, keys])
+                .not_equal(k.expand([batch, 1, queries, keys]))
+        });
+        let expand = |m: Tensor<B, 4, Bool>| m.expand([batch, 1, queries, keys]);
+        [causal, padding, documents]
+            .into_iter()
+            .flatten()
+            .map(expand)
+            .reduce(|a, b| a.bool_or(b))
     }
 }
 

@@ -180,6 +180,19 @@ impl<B: Backend> Kosmos2TextModel<B> {
         image_embeds: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
         past_length: usize,
     ) -> Result<Tensor<B, 3>, Kosmos2Error> {
+        self.input_embeddings_in_documents(input_ids, image_embeds, past_length, None)
+    }
+
+    /// [`Kosmos2TextModel::input_embeddings`] for rows that pack several documents
+    /// (`documents[row][position]`, see [`Kosmos2::forward_packed`]): positions restart at each
+    /// document.
+    pub fn input_embeddings_in_documents(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        image_embeds: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
+        past_length: usize,
+        documents: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor<B, 3>, Kosmos2Error> {
         let device = input_ids.device();
         let mut embeds = self.embed_tokens.forward(input_ids.clone());
         if let Some((images, mask)) = image_embeds {
@@ -190,7 +203,33 @@ impl<B: Backend> Kosmos2TextModel<B> {
             .into_iter()
             .map(|r| r.into_iter().map(|v| v as u32).collect())
             .collect();
-        let positions = self.positions.position_ids(&ids, self.pad_token_id, past_length);
+        let positions = match documents {
+            None => self.positions.position_ids(&ids, self.pad_token_id, past_length),
+            Some(docs) => {
+                // Each packed document counts its positions from the start, as if alone in its row.
+                let padding_idx = self
+                    .positions
+                    .position_ids(&[vec![self.pad_token_id]], self.pad_token_id, 0)[0][0];
+                ids.iter()
+                    .zip(docs)
+                    .map(|(row, doc_row)| {
+                        let mut counts = std::collections::HashMap::new();
+                        row.iter()
+                            .zip(doc_row)
+                            .map(|(&id, &doc)| {
+                                if id == self.pad_token_id {
+                                    padding_idx
+                                } else {
+                                    let c = counts.entry(doc).or_insert(0usize);
+                                    *c += 1;
+                                    *c + padding_idx
+                                }
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+        };
         Ok(embeds.clone() + self.positions.embed_positions::<B>(&positions, &device, embeds.dtype()))
     }
 }
@@ -380,6 +419,36 @@ impl<B: Backend> Kosmos2<B> {
         input: &Kosmos2Input<B>,
         cache: Option<&mut DecoderCache<B>>,
     ) -> Result<Kosmos2Output<B>, Kosmos2Error> {
+        self.forward_inner(input, cache, None)
+    }
+
+    /// [`Kosmos2::forward`] for training rows that pack several documents: `documents[row]`
+    /// gives each position's document (1, 2, ... in order; 0 for padding, as
+    /// `kosmos_train`'s `Batch::document_ids`). Each document attends only to itself and counts
+    /// its positions from the start, so every document gets the logits it would get alone in a
+    /// row.
+    pub fn forward_packed(
+        &self,
+        input: &Kosmos2Input<B>,
+        documents: &[Vec<u32>],
+    ) -> Result<Kosmos2Output<B>, Kosmos2Error> {
+        let [b, t] = input.input_ids.dims();
+        if documents.len() != b || documents.iter().any(|r| r.len() != t) {
+            return Err(Kosmos2Error::Input(format!(
+                "document ids for {} rows of lengths {:?}, the input is [{b}, {t}]",
+                documents.len(),
+                documents.iter().map(Vec::len).collect::<Vec<_>>()
+            )));
+        }
+        self.forward_inner(input, None, Some(documents))
+    }
+
+    fn forward_inner(
+        &self,
+        input: &Kosmos2Input<B>,
+        cache: Option<&mut DecoderCache<B>>,
+        documents: Option<&[Vec<u32>]>,
+    ) -> Result<Kosmos2Output<B>, Kosmos2Error> {
         let image_embeds = match (&input.pixel_values, &input.image_embeds_position_mask) {
             (Some(pixels), Some(_)) => Some(self.image_embeds(pixels.clone())),
             (Some(_), None) => {
@@ -389,11 +458,12 @@ impl<B: Backend> Kosmos2<B> {
             }
             (None, _) => None,
         };
-        let hidden = self.text_hidden(
+        let hidden = self.text_hidden_in_documents(
             &input.input_ids,
             input.attention_mask.as_ref(),
             image_embeds.as_ref().zip(input.image_embeds_position_mask.as_ref()),
             cache,
+            documents,
         )?;
         Ok(Kosmos2Output {
             logits: self.logits(hidden.clone()),
@@ -412,6 +482,17 @@ impl<B: Backend> Kosmos2<B> {
         image: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
         cache: Option<&mut DecoderCache<B>>,
     ) -> Result<Tensor<B, 3>, Kosmos2Error> {
+        self.text_hidden_in_documents(input_ids, attention_mask, image, cache, None)
+    }
+
+    fn text_hidden_in_documents(
+        &self,
+        input_ids: &Tensor<B, 2, Int>,
+        attention_mask: Option<&Tensor<B, 2, Int>>,
+        image: Option<(&Tensor<B, 3>, &Tensor<B, 2, Int>)>,
+        cache: Option<&mut DecoderCache<B>>,
+        documents: Option<&[Vec<u32>]>,
+    ) -> Result<Tensor<B, 3>, Kosmos2Error> {
         let [b, t] = input_ids.dims();
         let past = cache.as_ref().map_or(0, |c| c.len());
         if let Some(c) = cache.as_ref()
@@ -424,7 +505,7 @@ impl<B: Backend> Kosmos2<B> {
             )));
         }
         let text = &self.text_model.model;
-        let embeds = text.input_embeddings(input_ids, image, past)?;
+        let embeds = text.input_embeddings_in_documents(input_ids, image, past, documents)?;
         let mask = match attention_mask {
             Some(m) => {
                 if m.dims() != [b, past + t] {
@@ -437,6 +518,14 @@ impl<B: Backend> Kosmos2<B> {
                 AttentionMask::causal_with_attention_mask(m.clone())
             }
             None => AttentionMask::causal(),
+        };
+        let mask = match documents {
+            Some(docs) => {
+                let flat: Vec<i64> = docs.iter().flatten().map(|&d| d as i64).collect();
+                let device = input_ids.device();
+                mask.with_documents(Tensor::from_data(TensorData::new(flat, [b, t]), &device))
+            }
+            None => mask,
         };
         Ok(text.decoder.forward(embeds, &mask, cache))
     }

@@ -118,7 +118,13 @@ fn logits_and_labels<B: Backend>(
         pixel_values: t.pixel_values,
         image_embeds_position_mask: has_images.then_some(t.image_embeds_position_mask),
     };
-    let logits = model.forward(&input)?.logits;
+    // Rows packing several documents keep each document to itself.
+    let packed = batch.document_ids.iter().flatten().any(|&d| d > 1);
+    let logits = if packed {
+        model.forward_packed(&input, &batch.document_ids)?.logits
+    } else {
+        model.forward(&input)?.logits
+    };
     // The loss is taken in f32 also when the model computes in a lower precision.
     let logits = if logits.dtype() == DType::F32 {
         logits

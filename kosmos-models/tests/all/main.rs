@@ -6,6 +6,7 @@ mod kosmos2_parity;
 mod loading_errors;
 mod lora;
 mod memory;
+mod packed;
 mod processor;
 mod save;
 mod tokenizer;

@@ -51,10 +51,10 @@
 //! ## Packing
 //!
 //! See [`Packer`]: with packing, text-only examples share rows (first fit, in draw order, up to
-//! `max_len` tokens); examples with images keep a row of their own. Packed documents attend to
-//! each other (the model has no block-diagonal mask yet) and their positions continue across
-//! documents; [`Batch::document_ids`] records the boundaries for a future block mask. Labels
-//! never cross documents (each document's BOS label is -100).
+//! `max_len` tokens); examples with images keep a row of their own. [`Batch::document_ids`]
+//! records the boundaries; the trainer's forward pass (`Kosmos2::forward_packed`) turns them into
+//! a block-diagonal causal mask and positions that restart per document, so a packed document is
+//! computed as if alone. Labels never cross documents (each document's BOS label is -100).
 //!
 //! ## Images in a batch
 //!

@@ -192,5 +192,8 @@ fn f16_is_refused_with_the_choices() {
     let err = kosmos_train::TrainConfig::from_toml_str(toml, std::path::Path::new("run.toml"))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("run.toml") && err.contains("f16") && err.contains("bf16"), "{err}");
+    assert!(
+        err.contains("run.toml") && err.contains("f16") && err.contains("bf16"),
+        "{err}"
+    );
 }

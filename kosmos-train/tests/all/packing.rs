@@ -172,3 +172,38 @@ fn image_examples_keep_their_own_rows() {
     assert_eq!(batch.seq_len(), 64);
     assert_eq!(batch.images_per_row, vec![0, 1]);
 }
+
+/// A packed row's loss is the token-weighted mean of its documents' losses alone: packed
+/// documents do not see each other (block mask, positions restarting per document).
+#[test]
+fn packed_documents_score_as_if_alone() {
+    use burn::prelude::*;
+    use kosmos_train::trainer::{batch_loss, scored_tokens};
+    type B = burn::backend::Flex;
+    let dir = kosmos_core::testing::repo_root().join("fixtures/generate/model");
+    let latents = kosmos_models::Kosmos2Config::from_json_file(dir.join("config.json"))
+        .unwrap()
+        .latent_query_num;
+    let mut config = collate_config(64);
+    config.packing = true;
+    let c = Collator::from_model_dir(&dir, latents, config).unwrap();
+    let e1 = c.encode(&text("A dog is sitting on the grass.")).unwrap().unwrap();
+    let e2 = c
+        .encode(&text("Two people are riding horses next to a red ball."))
+        .unwrap()
+        .unwrap();
+    let rows = pack([e1.clone(), e2.clone()], 64);
+    assert_eq!(rows.len(), 1, "both documents share one row");
+    let packed = c.collate(rows).unwrap();
+    assert!(packed.document_ids[0].contains(&2));
+    let device = Default::default();
+    let model = kosmos_models::Kosmos2::<B>::from_pretrained(&dir, &device).unwrap();
+    let loss = |b: &kosmos_train::data::Batch| -> f64 { batch_loss(&model, b, &device).unwrap().into_scalar().elem() };
+    let (a, b) = (c.collate(vec![vec![e1]]).unwrap(), c.collate(vec![vec![e2]]).unwrap());
+    let (na, nb) = (scored_tokens(&a) as f64, scored_tokens(&b) as f64);
+    assert_eq!(scored_tokens(&packed) as f64, na + nb);
+    let expected = (loss(&a) * na + loss(&b) * nb) / (na + nb);
+    let got = loss(&packed);
+    eprintln!("packed loss {got:.7}, documents alone {expected:.7}");
+    assert!((got - expected).abs() <= 1e-5 * expected.abs(), "{got} vs {expected}");
+}
