@@ -47,11 +47,34 @@ impl LoraConfig {
         }
     }
 
-    /// An adapter for a `[d_in, d_out]` projection: `A` uniform in `+-1/sqrt(d_in)`, `B` zero.
+    /// An adapter for a `[d_in, d_out]` projection: `A` uniform in `+-1/sqrt(d_in)` (drawn from
+    /// the backend's generator), `B` zero.
     pub fn init<B: Backend>(&self, d_in: usize, d_out: usize, device: &B::Device) -> LoraAdapter<B> {
         assert!(self.rank > 0, "LoRA rank must be >= 1");
         let bound = 1.0 / (d_in as f64).sqrt();
         let a = Tensor::random([d_in, self.rank], Distribution::Uniform(-bound, bound), device);
+        let b = Tensor::zeros([self.rank, d_out], device);
+        self.init_with(a, b)
+    }
+
+    /// As [`LoraConfig::init`], with `A` drawn on the host from `seed` (SplitMix64): the same
+    /// values on every backend, whatever else draws from the backend's process-wide generator.
+    pub fn init_seeded<B: Backend>(&self, d_in: usize, d_out: usize, seed: u64, device: &B::Device) -> LoraAdapter<B> {
+        assert!(self.rank > 0, "LoRA rank must be >= 1");
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let mut state = seed;
+        let values: Vec<f32> = (0..d_in * self.rank)
+            .map(|_| {
+                state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+                let mut z = state;
+                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+                z ^= z >> 31;
+                let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+                ((2.0 * unit - 1.0) * bound) as f32
+            })
+            .collect();
+        let a = Tensor::from_data(TensorData::new(values, [d_in, self.rank]), device);
         let b = Tensor::zeros([self.rank, d_out], device);
         self.init_with(a, b)
     }
@@ -146,10 +169,10 @@ impl<B: Backend> LoraSlot<'_, B> {
         self.linear.weight.dims()
     }
 
-    /// Attach a fresh adapter (replacing any).
-    pub fn attach(&mut self, config: &LoraConfig, device: &B::Device) {
+    /// Attach a fresh adapter (replacing any), `A` drawn from `seed` ([`LoraConfig::init_seeded`]).
+    pub fn attach(&mut self, config: &LoraConfig, seed: u64, device: &B::Device) {
         let [d_in, d_out] = self.dims();
-        *self.adapter = Some(config.init(d_in, d_out, device));
+        *self.adapter = Some(config.init_seeded(d_in, d_out, seed, device));
     }
 
     /// Fold the adapter into the projection and remove it.

@@ -44,6 +44,10 @@ pub struct LoraSpec {
     pub targets: Vec<String>,
     /// Towers whose projections are adapted (default: the text decoder).
     pub towers: Vec<LoraTower>,
+    /// Seed of the adapters' `A` (projection `i` in [`lora_slots`] order draws from a seed derived
+    /// from this one and `i`), so attaching is reproducible on every backend.
+    #[serde(default)]
+    pub seed: u64,
 }
 
 impl LoraSpec {
@@ -54,6 +58,7 @@ impl LoraSpec {
             adapter: LoraConfig::new(rank).with_alpha(2.0 * rank as f64),
             targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
             towers: vec![LoraTower::Text],
+            seed: 0,
         }
     }
 
@@ -192,9 +197,10 @@ impl<B: Backend> Kosmos2<B> {
     pub fn attach_lora(mut self, spec: &LoraSpec, device: &B::Device) -> Result<(Self, usize), Kosmos2Error> {
         spec.validate().map_err(Kosmos2Error::Input)?;
         let mut n = 0;
-        for mut s in lora_slots(&mut self) {
+        for (i, mut s) in lora_slots(&mut self).into_iter().enumerate() {
             if spec.matches(s.tower, s.slot.name) {
-                s.slot.attach(&spec.adapter, device);
+                let seed = spec.seed ^ (i as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
+                s.slot.attach(&spec.adapter, seed, device);
                 n += 1;
             }
         }

@@ -608,7 +608,11 @@ impl<B: AutodiffBackend> Trainer<B> {
         }
         .map(&mut Materialize);
         let model = match &config.lora {
-            Some(lora) => model.attach_lora(&lora.spec(), &device)?.0,
+            Some(lora) => {
+                let mut spec = lora.spec();
+                spec.seed = step_seed(config.seed, 0);
+                model.attach_lora(&spec, &device)?.0
+            }
             None => model,
         };
         std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;

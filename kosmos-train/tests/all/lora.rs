@@ -43,14 +43,16 @@ fn logits(model: &Kosmos2<TB>) -> Tensor<TB, 3> {
 #[test]
 fn lora_trains_only_the_adapters_resumes_and_exports_merged_and_as_peft() {
     let device = Default::default();
-    let spec = "rank = 4\ndropout = 0.1\ntargets = [\"q_proj\", \"v_proj\", \"fc1\", \"fc2\"]";
+    // No adapter dropout: its masks come from the backend's process-wide generator, which the
+    // other tests of this binary draw from concurrently (a real run is one process).
+    let spec = "rank = 4\ntargets = [\"q_proj\", \"v_proj\", \"fc1\", \"fc2\"]";
     let mut straight = Trainer::<AB>::new(lora_config("lora-straight", 8, spec), device).unwrap();
     let all = straight.run().unwrap();
     let losses: Vec<f64> = all.steps.iter().map(|m| m.loss).collect();
     eprintln!("LoRA losses {losses:.4?}");
     let first = (losses[0] + losses[1]) / 2.0;
     let last = (losses[6] + losses[7]) / 2.0;
-    // Measured: 10.48 -> 9.45 (mean of the first and of the last two steps).
+    // Measured: 10.47 -> 9.13 (mean of the first and of the last two steps).
     assert!(last < 0.95 * first, "loss {first} -> {last}");
 
     // The base did not move; every adapter did.
