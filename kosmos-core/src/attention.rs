@@ -535,26 +535,10 @@ impl<B: Backend> MultiHeadAttention<B> {
     /// The four projections with their LoRA adapter slots.
     pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 4] {
         [
-            LoraSlot {
-                name: "q_proj",
-                linear: &mut self.q_proj,
-                adapter: &mut self.q_proj_lora,
-            },
-            LoraSlot {
-                name: "k_proj",
-                linear: &mut self.k_proj,
-                adapter: &mut self.k_proj_lora,
-            },
-            LoraSlot {
-                name: "v_proj",
-                linear: &mut self.v_proj,
-                adapter: &mut self.v_proj_lora,
-            },
-            LoraSlot {
-                name: "out_proj",
-                linear: &mut self.out_proj,
-                adapter: &mut self.out_proj_lora,
-            },
+            LoraSlot::new("q_proj", &mut self.q_proj, &mut self.q_proj_lora),
+            LoraSlot::new("k_proj", &mut self.k_proj, &mut self.k_proj_lora),
+            LoraSlot::new("v_proj", &mut self.v_proj, &mut self.v_proj_lora),
+            LoraSlot::new("out_proj", &mut self.out_proj, &mut self.out_proj_lora),
         ]
     }
 }

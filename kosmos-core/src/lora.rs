@@ -163,7 +163,12 @@ pub struct LoraSlot<'a, B: Backend> {
     pub adapter: &'a mut Option<LoraAdapter<B>>,
 }
 
-impl<B: Backend> LoraSlot<'_, B> {
+impl<'a, B: Backend> LoraSlot<'a, B> {
+    /// The slot of projection `name`.
+    pub fn new(name: &'static str, linear: &'a mut Linear<B>, adapter: &'a mut Option<LoraAdapter<B>>) -> Self {
+        Self { name, linear, adapter }
+    }
+
     /// `[in, out]` of the projection.
     pub fn dims(&self) -> [usize; 2] {
         self.linear.weight.dims()

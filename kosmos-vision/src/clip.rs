@@ -230,16 +230,8 @@ impl<B: Backend> ClipMlp<B> {
     /// The two projections with their LoRA adapter slots.
     pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 2] {
         [
-            LoraSlot {
-                name: "fc1",
-                linear: &mut self.fc1,
-                adapter: &mut self.fc1_lora,
-            },
-            LoraSlot {
-                name: "fc2",
-                linear: &mut self.fc2,
-                adapter: &mut self.fc2_lora,
-            },
+            LoraSlot::new("fc1", &mut self.fc1, &mut self.fc1_lora),
+            LoraSlot::new("fc2", &mut self.fc2, &mut self.fc2_lora),
         ]
     }
 }

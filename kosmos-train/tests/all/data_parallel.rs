@@ -8,29 +8,17 @@ use burn::backend::Autodiff;
 use kosmos_core::testing::repo_root;
 use kosmos_models::Kosmos2;
 use kosmos_train::Trainer;
-use kosmos_train::data::{CollateConfig, Collator, DataLoader};
 use kosmos_train::trainer::{LossWeights, Workers, accumulate_on_devices, accumulate_weighted_gradients, device_at};
 
 use crate::TB;
-use crate::trainer::{config, values};
+use crate::trainer::{config, micro_and_union, values};
 
 type AB = Autodiff<TB>;
 
 #[test]
 fn two_workers_equal_one_worker_with_the_doubled_batch() {
-    let c = config("dp-grads", 1, "", "lr = 1e-3", "");
+    let (micro, union, _) = micro_and_union("dp-grads");
     let model_dir = repo_root().join("fixtures/generate/model");
-    let collator = Collator::from_model_dir(&model_dir, 8, CollateConfig::from(&c.data)).unwrap();
-    let mut loader = DataLoader::with_collator(c.data.clone(), collator).unwrap();
-    let encoded: Vec<_> = (0..4).map(|_| loader.next_example().unwrap().1).collect();
-    let rows = |r: std::ops::Range<usize>| encoded[r].iter().map(|e| vec![e.clone()]).collect::<Vec<_>>();
-    let collator = loader.collator();
-    let micro = [
-        collator.collate(rows(0..2)).unwrap(),
-        collator.collate(rows(2..4)).unwrap(),
-    ];
-    let union = [collator.collate(rows(0..4)).unwrap()];
-
     let device = Default::default();
     let devices = [device_at::<AB>(&device, 0), device_at::<AB>(&device, 1)];
     let model = Kosmos2::<AB>::from_pretrained(&model_dir, &device).unwrap();

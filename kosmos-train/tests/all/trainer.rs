@@ -13,7 +13,7 @@ use kosmos_models::Kosmos2;
 use kosmos_models::loss::IGNORE_INDEX;
 use kosmos_train::checkpoint;
 use kosmos_train::config::{MetricsFormat, ModelInit};
-use kosmos_train::data::{CollateConfig, Collator, DataLoader};
+use kosmos_train::data::{Batch, CollateConfig, Collator, DataLoader};
 use kosmos_train::metrics::StepMetrics;
 use kosmos_train::trainer::{
     LossWeights, accumulate_gradients, accumulate_gradients_parallel, accumulate_weighted_gradients, fork,
@@ -178,9 +178,10 @@ fn tiny_model_loss_falls() {
 
 /// Four examples as two micro-batches of two rows and as one batch of four: the same loss and
 /// gradients (token-weighted accumulation).
-#[test]
-fn accumulation_equals_one_batch_of_the_union() {
-    let c = config("accumulate", 1, "", "lr = 1e-3", "");
+/// The first four GRIT fixture examples as two micro-batches of two rows and as one batch of
+/// four, with the examples' lengths.
+pub(crate) fn micro_and_union(name: &str) -> ([Batch; 2], [Batch; 1], Vec<usize>) {
+    let c = config(name, 1, "", "lr = 1e-3", "");
     let collator = Collator::from_model_dir(model_dir(), 8, CollateConfig::from(&c.data)).unwrap();
     let mut loader = DataLoader::with_collator(c.data.clone(), collator).unwrap();
     let encoded: Vec<_> = (0..4).map(|_| loader.next_example().unwrap().1).collect();
@@ -192,6 +193,12 @@ fn accumulation_equals_one_batch_of_the_union() {
         collator.collate(rows(2..4)).unwrap(),
     ];
     let union = [collator.collate(rows(0..4)).unwrap()];
+    (micro, union, lens)
+}
+
+#[test]
+fn accumulation_equals_one_batch_of_the_union() {
+    let (micro, union, lens) = micro_and_union("accumulate");
 
     let device = Default::default();
     let model = Kosmos2::<AB>::from_pretrained(model_dir(), &device).unwrap();
