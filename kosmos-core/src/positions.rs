@@ -240,6 +240,36 @@ impl SinusoidalPositions {
             })
             .collect()
     }
+
+    /// [`SinusoidalPositions::position_ids`] for rows that pack several documents
+    /// (`documents[row][position]`, no cache): each document counts its real tokens from the start,
+    /// as if alone in its row; pad tokens get `padding_idx`.
+    pub fn position_ids_in_documents(
+        &self,
+        input_ids: &[Vec<u32>],
+        documents: &[Vec<u32>],
+        pad_token_id: u32,
+    ) -> Vec<Vec<usize>> {
+        input_ids
+            .iter()
+            .zip(documents)
+            .map(|(row, docs)| {
+                let mut counts = std::collections::HashMap::new();
+                row.iter()
+                    .zip(docs)
+                    .map(|(&id, &doc)| {
+                        if id == pad_token_id {
+                            self.padding_idx
+                        } else {
+                            let count = counts.entry(doc).or_insert(0usize);
+                            *count += 1;
+                            *count + self.padding_idx
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

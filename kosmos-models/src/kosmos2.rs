@@ -205,30 +205,7 @@ impl<B: Backend> Kosmos2TextModel<B> {
             .collect();
         let positions = match documents {
             None => self.positions.position_ids(&ids, self.pad_token_id, past_length),
-            Some(docs) => {
-                // Each packed document counts its positions from the start, as if alone in its row.
-                let padding_idx = self
-                    .positions
-                    .position_ids(&[vec![self.pad_token_id]], self.pad_token_id, 0)[0][0];
-                ids.iter()
-                    .zip(docs)
-                    .map(|(row, doc_row)| {
-                        let mut counts = std::collections::HashMap::new();
-                        row.iter()
-                            .zip(doc_row)
-                            .map(|(&id, &doc)| {
-                                if id == self.pad_token_id {
-                                    padding_idx
-                                } else {
-                                    let c = counts.entry(doc).or_insert(0usize);
-                                    *c += 1;
-                                    *c + padding_idx
-                                }
-                            })
-                            .collect()
-                    })
-                    .collect()
-            }
+            Some(docs) => self.positions.position_ids_in_documents(&ids, docs, self.pad_token_id),
         };
         Ok(embeds.clone() + self.positions.embed_positions::<B>(&positions, &device, embeds.dtype()))
     }
