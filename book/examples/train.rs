@@ -22,6 +22,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         config: None,
         resume: Some(config.output_dir.clone()),
         stop_after: None,
+        node: Default::default(),
     };
     let rest = run_autodiff_task("flex", task)??;
     for m in first.steps.iter().chain(&rest.steps) {

@@ -209,6 +209,19 @@ enum Command {
         /// Backend and device: flex, ndarray, wgpu, cuda, cuda:1 (default: the first compiled).
         #[arg(long)]
         device: Option<String>,
+        /// This node's rank in a multi-node run (over `nodes.rank` of the configuration).
+        #[arg(long, value_name = "RANK")]
+        node_rank: Option<u32>,
+        /// This node's address in a multi-node run, ws://HOST:PORT (over `nodes.address`).
+        #[arg(long, value_name = "ADDRESS")]
+        node_address: Option<String>,
+    },
+    /// Serve the global orchestrator of a multi-node training run (`[nodes]` of the training
+    /// configuration) until stopped.
+    Orchestrator {
+        /// The port to listen on (the port of `nodes.orchestrator`).
+        #[arg(long)]
+        port: u16,
     },
 }
 
@@ -250,13 +263,23 @@ fn run(command: Command) -> Result<(), String> {
             resume,
             stop_after,
             device,
+            node_rank,
+            node_address,
         } => {
             let device = device.unwrap_or_else(kosmos_infer::commands::default_device);
+            let node = kosmos_train::trainer::NodeOverrides {
+                rank: node_rank,
+                address: node_address,
+            };
             print!(
                 "{}",
-                train::run(config.as_deref(), resume.as_deref(), stop_after, &device)?
+                train::run(config.as_deref(), resume.as_deref(), stop_after, &device, node)?
             );
             return Ok(());
+        }
+        Command::Orchestrator { port } => {
+            eprintln!("serving the multi-node orchestrator on port {port} (stop with Ctrl-C)");
+            return kosmos_train::collective::serve_orchestrator(port).map_err(|e| e.to_string());
         }
         Command::Generate {
             model,

@@ -3,14 +3,17 @@
 
 use std::path::Path;
 
+use kosmos_train::trainer::NodeOverrides;
 use kosmos_train::{TrainConfig, TrainTask};
 
-/// Train (or resume) and describe the result in a few lines.
+/// Train (or resume) and describe the result in a few lines; `node` is this node's rank and
+/// address in a multi-node run (over the configuration's `[nodes]`).
 pub fn run(
     config: Option<&Path>,
     resume: Option<&Path>,
     stop_after: Option<u64>,
     device: &str,
+    node: NodeOverrides,
 ) -> Result<String, String> {
     let config = config
         .map(TrainConfig::from_toml_file)
@@ -23,6 +26,7 @@ pub fn run(
         config,
         resume: resume.map(Path::to_path_buf),
         stop_after,
+        node,
     };
     let summary = task.run_on(device).map_err(|e| e.to_string())?;
     let mut out = format!("trained to step {}", summary.step);
@@ -31,6 +35,7 @@ pub fn run(
     }
     out.push('\n');
     if let Some(path) = &summary.last_checkpoint {
+        // (none on a multi-node run's ranks other than 0: rank 0 writes)
         out.push_str(&format!("checkpoint: {}\n", path.display()));
     }
     Ok(out)

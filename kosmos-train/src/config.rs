@@ -345,6 +345,90 @@ pub struct TrainConfig {
     /// none, every parameter not frozen by `model.freeze_vision` trains).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lora: Option<LoraTrainConfig>,
+    /// Data parallelism over several machines (default: none, one machine; see
+    /// [`NodesConfig`]). Not part of [`TrainConfig::run_hash`]: the nodes compute the same
+    /// steps as one machine would.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<NodesConfig>,
+}
+
+/// `[nodes]`: data parallelism over several machines ("nodes") through burn-collective.
+///
+/// Every node runs `kosmos train` with the same configuration (its own `rank` and `address`,
+/// in the file or from `--node-rank` / `--node-address`). Every node draws the whole step's
+/// micro-batches from the same seeded sampler (so every node's data position is the same),
+/// computes the micro-batches `i` with `i % count == rank` (on its own `devices` /
+/// `parallel_micro_batches`), and the nodes sum their gradients and losses with one
+/// all-reduce per step through burn-collective's global orchestrator; every node then makes the
+/// same AdamW step, so the replicas stay equal. The result is the step of one machine over all
+/// the micro-batches, up to float rounding (set `grad_accumulation` to a multiple of `count`).
+/// Only rank 0 writes (`config.toml`, metrics, checkpoints, `final/`); another rank resumes from
+/// rank 0's checkpoint (`kosmos train --resume DIR --node-rank R`).
+///
+/// ```toml
+/// [nodes]
+/// count = 2
+/// rank = 0                                 # or --node-rank
+/// orchestrator = "ws://10.0.0.1:3870"      # `kosmos orchestrator --port 3870`, or:
+/// serve_orchestrator = true                # rank 0 serves it itself
+/// address = "ws://10.0.0.1:3871"           # or --node-address; reachable by the other nodes
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodesConfig {
+    /// Nodes in the run (at least 2).
+    pub count: u32,
+    /// This node's rank, `0..count` (default 0).
+    #[serde(default)]
+    pub rank: u32,
+    /// The global orchestrator's address, `ws://HOST:PORT`.
+    pub orchestrator: String,
+    /// Whether this node (rank 0) serves the orchestrator itself, on the port of
+    /// `orchestrator` (default false: it runs apart, `kosmos orchestrator --port PORT`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub serve_orchestrator: bool,
+    /// This node's address as the other nodes reach it, `ws://HOST:PORT`; its tensor service
+    /// listens on that port.
+    pub address: String,
+}
+
+impl NodesConfig {
+    /// The port of a `ws://HOST:PORT` address (`key` names it in the error).
+    pub fn port_of(address: &str, key: &str) -> Result<u16, TrainError> {
+        let rest = address
+            .strip_prefix("ws://")
+            .ok_or_else(|| TrainError::Invalid(format!("`{key}` must be ws://HOST:PORT, found {address:?}")))?;
+        let port = rest.trim_end_matches('/').rsplit_once(':').map(|(_, p)| p);
+        port.and_then(|p| p.parse().ok()).ok_or_else(|| {
+            TrainError::Invalid(format!(
+                "`{key}` must be ws://HOST:PORT (a port number), found {address:?}"
+            ))
+        })
+    }
+
+    fn validate(&self) -> Result<(), TrainError> {
+        if self.count < 2 {
+            return Err(TrainError::Invalid(format!(
+                "`nodes.count` must be >= 2, found {} (leave [nodes] out for one machine)",
+                self.count
+            )));
+        }
+        if self.rank >= self.count {
+            return Err(TrainError::Invalid(format!(
+                "`nodes.rank` must be < nodes.count = {}, found {}",
+                self.count, self.rank
+            )));
+        }
+        if self.serve_orchestrator && self.rank != 0 {
+            return Err(TrainError::Invalid(format!(
+                "`nodes.serve_orchestrator` is for rank 0 only, found it on rank {}",
+                self.rank
+            )));
+        }
+        Self::port_of(&self.orchestrator, "nodes.orchestrator")?;
+        Self::port_of(&self.address, "nodes.address")?;
+        Ok(())
+    }
 }
 
 /// `[lora]`: parameter-efficient fine-tuning with LoRA adapters (Hu et al., 2021).
@@ -526,6 +610,16 @@ impl TrainConfig {
         if self.grad_accumulation == 0 {
             return bad("grad_accumulation", ">= 1", "0".into());
         }
+        if let Some(nodes) = &self.nodes {
+            nodes.validate()?;
+            if self.grad_accumulation % nodes.count as usize != 0 {
+                return bad(
+                    "grad_accumulation",
+                    &format!("a multiple of nodes.count = {}", nodes.count),
+                    self.grad_accumulation.to_string(),
+                );
+            }
+        }
         if !(o.lr.is_finite() && o.lr > 0.0) {
             return bad("optim.lr", "finite and > 0", o.lr.to_string());
         }
@@ -594,13 +688,15 @@ impl TrainConfig {
 
     /// SHA-256 (hex) of everything that defines the run: the configuration without
     /// `output_dir` (a run directory may be moved), without `log` (how progress is shown) and
-    /// without `gradient_checkpointing` (how gradients are computed, not what they are).
+    /// without `gradient_checkpointing` and `nodes` (how gradients are computed, not what they
+    /// are).
     /// A checkpoint records it; resuming with a different configuration is refused.
     pub fn run_hash(&self) -> String {
         let mut c = self.clone();
         c.output_dir = PathBuf::new();
         c.log = LogConfig::default();
         c.gradient_checkpointing = false;
+        c.nodes = None;
         let json = serde_json::to_string(&c).expect("the configuration serialises");
         let digest = Sha256::digest(json.as_bytes());
         digest.iter().map(|b| format!("{b:02x}")).collect()

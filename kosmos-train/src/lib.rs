@@ -12,10 +12,12 @@
 //!   chosen at run time through [`run_autodiff_task`];
 //! * [`optim`], [`schedule`], [`clip`]: AdamW with PyTorch's parameterisation, warmup and
 //!   decay, clipping by the global norm;
-//! * [`checkpoint`], [`metrics`]: atomic checkpoints with resume, the metrics log.
+//! * [`checkpoint`], [`metrics`]: atomic checkpoints with resume, the metrics log;
+//! * [`collective`]: data parallelism over several machines (burn-collective).
 
 pub mod checkpoint;
 pub mod clip;
+pub mod collective;
 pub mod config;
 pub mod data;
 pub mod error;

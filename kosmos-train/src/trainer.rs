@@ -62,6 +62,7 @@ use kosmos_vision::freeze::freeze_vision;
 
 use crate::checkpoint::{self, RngState, TrainState, step_seed};
 use crate::clip::{clip_grad_norm, global_grad_norm};
+use crate::collective::NodeGroup;
 use crate::config::{LocationInit, ModelInit, ProjectionInit, TrainConfig};
 use crate::data::{Batch, CollateConfig, Collator, DataConfig, DataLoader};
 use crate::error::TrainError;
@@ -267,6 +268,10 @@ pub struct Workers<B: Backend> {
     /// (bf16 copies of the f32 parameters compute; the loss is taken in f32 from f32 logits; the
     /// gradients come back as f32 for the f32 parameters and the optimizer).
     pub compute: DType,
+    /// `(index, of)`: compute only the micro-batches `i` with `i % of == index` (this node's
+    /// share of a multi-node step, see [`crate::collective`]); `(0, 1)` computes all. The loss
+    /// and gradients returned are then this share's part of the step's sums.
+    pub shard: (usize, usize),
 }
 
 impl<B: Backend> Workers<B> {
@@ -276,6 +281,7 @@ impl<B: Backend> Workers<B> {
             threads,
             devices: Vec::new(),
             compute: DType::F32,
+            shard: (0, 1),
         }
     }
 }
@@ -303,11 +309,13 @@ pub fn accumulate_on_devices<B: AutodiffBackend>(
     let tokens = batches.iter().map(input_tokens).sum();
     let mut accumulator = GradientsAccumulator::<Kosmos2<B>>::new();
     let mut loss = 0.0;
+    let (index, of) = workers.shard;
     let work: Vec<(&Batch, f64)> = batches
         .iter()
         .zip(&counts)
-        .filter(|(_, n)| **n > 0.0)
-        .map(|(b, &n)| (b, n / total_weight))
+        .enumerate()
+        .filter(|(i, (_, n))| **n > 0.0 && i % of.max(1) == index)
+        .map(|(_, (b, &n))| (b, n / total_weight))
         .collect();
     // One micro-batch: its loss value and the gradients of `loss * share` for `replica`, which
     // lives on `on`; the gradients are returned on `device` (moved there with `devices`, also
@@ -561,9 +569,11 @@ pub struct Trainer<B: AutodiffBackend> {
     latents: usize,
     loss_weights: LossWeights,
     workers: Workers<B>,
+    nodes: Option<NodeGroup>,
     step: u64,
     tokens: u64,
-    metrics: MetricsLog,
+    /// `None` on a multi-node run's ranks other than 0 (only rank 0 writes).
+    metrics: Option<MetricsLog>,
     last_checkpoint: Option<PathBuf>,
 }
 
@@ -615,9 +625,11 @@ impl<B: AutodiffBackend> Trainer<B> {
             }
             None => model,
         };
-        std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;
-        let copy = config.output_dir.join("config.toml");
-        std::fs::write(&copy, config.to_toml()?).map_err(|e| TrainError::io(&copy, e))?;
+        if writes(&config) {
+            std::fs::create_dir_all(&config.output_dir).map_err(|e| TrainError::io(&config.output_dir, e))?;
+            let copy = config.output_dir.join("config.toml");
+            std::fs::write(&copy, config.to_toml()?).map_err(|e| TrainError::io(&copy, e))?;
+        }
         Self::assemble(config, model_config, model, device, 0)
     }
 
@@ -627,6 +639,17 @@ impl<B: AutodiffBackend> Trainer<B> {
     /// checkpoint's own configuration is used. The run continues in the checkpoint's run
     /// directory.
     pub fn resume(dir: &Path, config: Option<&TrainConfig>, device: B::Device) -> Result<Self, TrainError> {
+        Self::resume_node(dir, config, device, &NodeOverrides::default())
+    }
+
+    /// [`Trainer::resume`] as node `node.rank` of a multi-node run (another rank resumes from
+    /// rank 0's checkpoint, with its own rank and address).
+    pub fn resume_node(
+        dir: &Path,
+        config: Option<&TrainConfig>,
+        device: B::Device,
+        node: &NodeOverrides,
+    ) -> Result<Self, TrainError> {
         let step_dir = checkpoint::resolve(dir)?;
         let (state, mut stored) = checkpoint::read(&step_dir)?;
         if let Some(given) = config {
@@ -643,6 +666,10 @@ impl<B: AutodiffBackend> Trainer<B> {
         if let Some(run_dir) = step_dir.parent().and_then(Path::parent) {
             stored.output_dir = run_dir.to_path_buf();
         }
+        if let Some(given) = config {
+            stored.nodes = given.nodes.clone();
+        }
+        node.apply(&mut stored)?;
         stored.validate()?;
         let model_config = Self::model_config(&stored)?;
         let recorder = FileRecorder::new();
@@ -693,11 +720,16 @@ impl<B: AutodiffBackend> Trainer<B> {
                 }
             }
         };
-        let metrics = MetricsLog::open(&config.output_dir, config.log.format, step)?;
+        let metrics = match writes(&config) {
+            true => Some(MetricsLog::open(&config.output_dir, config.log.format, step)?),
+            false => None,
+        };
+        let nodes = config.nodes.as_ref().map(NodeGroup::join).transpose()?;
         let workers = Workers {
             threads: config.parallel_micro_batches,
             devices: config.devices.iter().map(|&i| device_at::<B>(&device, i)).collect(),
             compute: config.precision.dtype(),
+            shard: nodes.as_ref().map_or((0, 1), |n| (n.rank(), n.count())),
         };
         if config.log.progress {
             let (total, trainable) = param_counts(&model);
@@ -718,6 +750,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             latents,
             loss_weights,
             workers,
+            nodes,
             step,
             tokens: 0,
             metrics,
@@ -740,9 +773,15 @@ impl<B: AutodiffBackend> Trainer<B> {
         self.step
     }
 
-    /// The metrics file.
-    pub fn metrics_path(&self) -> &Path {
-        self.metrics.path()
+    /// The metrics file (`None` on a multi-node run's ranks other than 0, which write nothing).
+    pub fn metrics_path(&self) -> Option<&Path> {
+        self.metrics.as_ref().map(MetricsLog::path)
+    }
+
+    /// Whether this process writes the run's files (always, but on a multi-node run's ranks
+    /// other than 0).
+    pub fn writes(&self) -> bool {
+        writes(&self.config)
     }
 
     /// The newest checkpoint written or resumed from.
@@ -772,11 +811,33 @@ impl<B: AutodiffBackend> Trainer<B> {
             &self.device,
             step,
             &self.workers,
-        )
-        .map_err(|e| match e {
-            TrainError::NonFinite { value, .. } => non_finite("loss", value, &self.last_checkpoint),
-            e => e,
-        })?;
+        );
+        let acc = match (acc, &self.nodes) {
+            (Ok(acc), None) => acc,
+            (Err(TrainError::NonFinite { value, .. }), None) => {
+                return Err(non_finite("loss", value, &self.last_checkpoint));
+            }
+            (Err(e), None) => return Err(e),
+            // Every node takes part in the all-reduce, also one whose loss was not finite (it
+            // passes the value on), so that all stop at the same step.
+            (acc, Some(nodes)) => {
+                let acc = match acc {
+                    Ok(acc) => acc,
+                    Err(TrainError::NonFinite { value, .. }) => Accumulated {
+                        loss: value,
+                        grads: GradientsParams::new(),
+                        scored_tokens: 0,
+                        tokens: batches.iter().map(input_tokens).sum(),
+                    },
+                    Err(e) => return Err(e),
+                };
+                let acc = nodes.all_reduce(&self.model, acc, &self.device)?;
+                if !acc.loss.is_finite() {
+                    return Err(non_finite("loss", acc.loss, &self.last_checkpoint));
+                }
+                acc
+            }
+        };
         let (grads, grad_norm) = if self.config.optim.max_grad_norm > 0.0 {
             clip_grad_norm::<B, _>(&self.model, acc.grads, self.config.optim.max_grad_norm)
         } else {
@@ -808,6 +869,9 @@ impl<B: AutodiffBackend> Trainer<B> {
         let Some(v) = &self.config.validation else {
             return Ok(None);
         };
+        if !self.writes() {
+            return Ok(None); // rank 0 validates and logs
+        }
         let mut loader = loader(&self.config.model.dir, self.latents, &v.data)?;
         let model = self.model.valid();
         let (mut sum, mut count) = (0.0, 0u64);
@@ -890,7 +954,9 @@ impl<B: AutodiffBackend> Trainer<B> {
             {
                 m.val_loss = self.validate()?;
             }
-            self.metrics.write(&m)?;
+            if let Some(metrics) = &mut self.metrics {
+                metrics.write(&m)?;
+            }
             if self.config.log.progress && (s % self.config.log.every == 0 || final_step) {
                 eprintln!(
                     "step {s}/{} loss {:.4} lr {:.3e} {:.0} tok/s grad_norm {:.3}{}",
@@ -903,10 +969,10 @@ impl<B: AutodiffBackend> Trainer<B> {
                 );
             }
             let every = self.config.checkpoint.every;
-            if final_step || (every > 0 && s % every == 0) {
+            if self.writes() && (final_step || (every > 0 && s % every == 0)) {
                 self.save_checkpoint()?;
             }
-            if final_step && self.config.checkpoint.export_final {
+            if self.writes() && final_step && self.config.checkpoint.export_final {
                 self.export_final()?;
             }
             summary.steps.push(m);
@@ -928,6 +994,46 @@ pub struct TrainTask {
     /// Stop after this step (writing a checkpoint there) instead of the configured last step;
     /// a later `resume` continues the same run.
     pub stop_after: Option<u64>,
+    /// This node's rank and address in a multi-node run, over the configuration's `[nodes]`.
+    pub node: NodeOverrides,
+}
+
+/// `--node-rank` and `--node-address`: what differs between the nodes of a multi-node run, so
+/// that they can share one configuration file.
+#[derive(Clone, Debug, Default)]
+pub struct NodeOverrides {
+    /// This node's rank.
+    pub rank: Option<u32>,
+    /// This node's address, `ws://HOST:PORT`.
+    pub address: Option<String>,
+}
+
+impl NodeOverrides {
+    /// Set them in `config`'s `[nodes]` (refused without one).
+    pub fn apply(&self, config: &mut TrainConfig) -> Result<(), TrainError> {
+        if self.rank.is_none() && self.address.is_none() {
+            return Ok(());
+        }
+        let Some(nodes) = &mut config.nodes else {
+            return Err(TrainError::Invalid(
+                "--node-rank / --node-address need a [nodes] section in the configuration".into(),
+            ));
+        };
+        if let Some(rank) = self.rank {
+            nodes.rank = rank;
+            nodes.serve_orchestrator &= rank == 0;
+        }
+        if let Some(address) = &self.address {
+            nodes.address = address.clone();
+        }
+        Ok(())
+    }
+}
+
+/// Whether a process with `config` writes the run's files: all but a multi-node run's ranks
+/// other than 0.
+fn writes(config: &TrainConfig) -> bool {
+    config.nodes.as_ref().is_none_or(|n| n.rank == 0)
 }
 
 impl TrainTask {
@@ -955,8 +1061,11 @@ impl AutodiffTask for TrainTask {
 
     fn run<B: AutodiffBackend>(self, device: B::Device) -> Self::Output {
         let mut trainer = match (self.resume, self.config) {
-            (Some(dir), config) => Trainer::<B>::resume(&dir, config.as_ref(), device)?,
-            (None, Some(config)) => Trainer::<B>::new(config, device)?,
+            (Some(dir), config) => Trainer::<B>::resume_node(&dir, config.as_ref(), device, &self.node)?,
+            (None, Some(mut config)) => {
+                self.node.apply(&mut config)?;
+                Trainer::<B>::new(config, device)?
+            }
             (None, None) => {
                 return Err(TrainError::Invalid(
                     "nothing to train: give a configuration or a checkpoint to resume".into(),
@@ -969,7 +1078,7 @@ impl AutodiffTask for TrainTask {
         let checkpointed = trainer
             .last_checkpoint()
             .is_some_and(|p| p.ends_with(checkpoint::step_dir_name(step)));
-        if step > 0 && !checkpointed {
+        if step > 0 && !checkpointed && trainer.writes() {
             let path = trainer.save_checkpoint()?;
             return Ok(RunSummary {
                 last_checkpoint: Some(path),

@@ -109,6 +109,7 @@ fn a_checkpointed_run_is_the_same_run() {
             config: Some(c),
             resume: None,
             stop_after: None,
+            node: Default::default(),
         };
         assert_eq!(
             task.gradient_checkpointing().unwrap(),
@@ -124,6 +125,7 @@ fn a_checkpointed_run_is_the_same_run() {
         config: None,
         resume: Some(checkpointed.output_dir.clone()),
         stop_after: None,
+        node: Default::default(),
     };
     assert!(task.gradient_checkpointing().unwrap());
 }

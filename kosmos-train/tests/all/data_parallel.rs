@@ -27,6 +27,7 @@ fn two_workers_equal_one_worker_with_the_doubled_batch() {
         threads: 1,
         devices: devices.to_vec(),
         compute: burn::tensor::DType::F32,
+        shard: (0, 1),
     };
     let two = accumulate_on_devices(&model, &micro, &uniform, &device, 1, &workers).unwrap();
     let one = accumulate_weighted_gradients(&model, &union, &uniform, &device, 1, 1).unwrap();

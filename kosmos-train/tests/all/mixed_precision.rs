@@ -73,6 +73,7 @@ fn shapes_steps(computes: &[DType]) -> (Kosmos2<AB>, Vec<kosmos_train::trainer::
                 threads: 1,
                 devices: Vec::new(),
                 compute,
+                shard: (0, 1),
             };
             accumulate_on_devices(&model, &batches, &LossWeights::uniform(), &device, 1, &workers).unwrap()
         })

@@ -152,7 +152,7 @@ fn tiny_model_loss_falls() {
     eprintln!("validation loss {before:.4} -> {after:.4}; training losses {losses:.4?}");
     assert!(after < 0.8 * before, "validation loss {before} -> {after}");
     assert!(summary.steps[3].val_loss.is_some() && summary.steps[2].val_loss.is_none());
-    let csv = std::fs::read_to_string(trainer.metrics_path()).unwrap();
+    let csv = std::fs::read_to_string(trainer.metrics_path().unwrap()).unwrap();
     let lines: Vec<&str> = csv.lines().collect();
     assert_eq!(
         lines[0],
@@ -423,7 +423,7 @@ fn resume_continues_the_same_run() {
     let ckpts = checkpoint::list(&run_dir.join("checkpoints")).unwrap();
     assert_eq!(ckpts.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![6]);
     assert_eq!(checkpoint::resolve(&run_dir).unwrap(), ckpts[0].1);
-    let logged = metrics(resumed.metrics_path());
+    let logged = metrics(resumed.metrics_path().unwrap());
     assert_eq!(
         logged.iter().map(|m| m.step).collect::<Vec<_>>(),
         (1..=6).collect::<Vec<_>>()
@@ -487,6 +487,35 @@ fn configuration_errors_name_the_file_and_key() {
         let msg = c.validate().unwrap_err().to_string();
         assert!(msg.contains("loss.location_weight"), "{bad}: {msg}");
     }
+
+    // `[nodes]`: each rule names its key; `--node-rank` and `--node-address` need the section.
+    let nodes = |count, rank, address: &str| kosmos_train::config::NodesConfig {
+        count,
+        rank,
+        orchestrator: "ws://10.0.0.1:3870".into(),
+        serve_orchestrator: false,
+        address: address.into(),
+    };
+    for (n, accumulation, key) in [
+        (nodes(1, 0, "ws://10.0.0.2:3871"), 2, "nodes.count"),
+        (nodes(2, 2, "ws://10.0.0.2:3871"), 2, "nodes.rank"),
+        (nodes(2, 1, "10.0.0.2:3871"), 2, "nodes.address"),
+        (nodes(2, 1, "ws://10.0.0.2"), 2, "nodes.address"),
+        (nodes(2, 1, "ws://10.0.0.2:3871"), 3, "grad_accumulation"),
+    ] {
+        let mut c = config("errors", 1, "", "lr = 1e-3", "");
+        c.grad_accumulation = accumulation;
+        c.nodes = Some(n);
+        let msg = c.validate().unwrap_err().to_string();
+        assert!(msg.contains(key), "{key}: {msg}");
+    }
+    let mut c = config("errors", 1, "", "lr = 1e-3", "");
+    let rank = kosmos_train::trainer::NodeOverrides {
+        rank: Some(1),
+        address: None,
+    };
+    let msg = rank.apply(&mut c).unwrap_err().to_string();
+    assert!(msg.contains("[nodes]"), "{msg}");
 
     let missing = temp_dir("errors-missing").join("nothing");
     let msg = checkpoint::resolve(&missing).unwrap_err().to_string();
