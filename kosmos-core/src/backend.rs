@@ -222,8 +222,15 @@ type WithCheckpointing<B> = burn::backend::Autodiff<B, BalancedCheckpointing>;
 pub use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 
 /// Run `task` on the backend named by `device` (e.g. `"flex"`, `"cuda:1"`).
+///
+/// On a CPU backend (flex, ndarray) it first sets the threads of one-row products to the
+/// machine's cores ([`crate::gemv::set_threads_for_cpu`]: decode steps stream their weights on
+/// every core).
 pub fn run_task<T: BackendTask>(device: &str, task: T) -> Result<T::Output, BackendError> {
     let spec: DeviceSpec = device.parse()?;
+    if matches!(spec.kind, BackendKind::Flex | BackendKind::Ndarray) {
+        crate::gemv::set_threads_for_cpu();
+    }
     #[allow(unused_variables)]
     let task = task;
     dispatch!(spec, Plain, |B, device| task.run::<B>(device))

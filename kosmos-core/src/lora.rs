@@ -133,8 +133,8 @@ pub fn forward_with<B: Backend, const D: usize>(
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
     match adapter {
-        Some(adapter) => linear.forward(x.clone()) + adapter.forward(x),
-        None => linear.forward(x),
+        Some(adapter) => crate::gemv::linear(linear, x.clone()) + adapter.forward(x),
+        None => crate::gemv::linear(linear, x),
     }
 }
 

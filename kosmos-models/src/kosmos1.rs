@@ -13,7 +13,7 @@ use burn::config::Config;
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::module::linear;
+use kosmos_core::gemv;
 use kosmos_core::{AttentionMask, Decoder, DecoderConfig};
 use kosmos_vision::{ClipVisionConfig, ClipVisionModel, PerceiverResampler, PerceiverResamplerConfig};
 
@@ -138,6 +138,10 @@ impl<B: Backend> Kosmos1<B> {
             None => AttentionMask::causal(),
         };
         let hidden = self.decoder.forward(embeds, &mask, None);
-        Ok(linear(hidden, self.embed_tokens.weight.val().transpose(), None))
+        let [b, t, e] = hidden.dims();
+        // Rows flattened (see `Kosmos2::logits`); one row splits over threads (`gemv`).
+        let logits = gemv::matmul_one_row(hidden.reshape([b * t, e]), self.embed_tokens.weight.val().transpose());
+        let vocab = logits.dims()[1];
+        Ok(logits.reshape([b, t, vocab]))
     }
 }

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::nn::{Embedding, EmbeddingConfig, Linear, LinearConfig};
 use burn::prelude::*;
-use burn::tensor::module::linear;
 use burn::tensor::{DType, TensorData};
+use kosmos_core::gemv;
 use kosmos_core::loader::{
     HF_KOSMOS2, HF_KOSMOS2_SAVE, HF_KOSMOS2_UNTIED, LoadError, cast_floats, load_safetensors_files,
 };
@@ -370,9 +370,10 @@ impl<B: Backend> Kosmos2<B> {
     pub fn logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 3> {
         let [b, t, e] = hidden.dims();
         let rows = hidden.reshape([b * t, e]);
+        // One row (a decode step): the head's columns are split over threads (`gemv`).
         let logits = match &self.text_model.lm_head {
-            Some(head) => head.forward(rows),
-            None => linear(rows, self.text_model.model.embed_tokens.weight.val().transpose(), None),
+            Some(head) => gemv::linear(head, rows),
+            None => gemv::matmul_one_row(rows, self.text_model.model.embed_tokens.weight.val().transpose()),
         };
         let vocab = logits.dims()[1];
         logits.reshape([b, t, vocab])

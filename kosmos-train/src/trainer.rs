@@ -39,8 +39,10 @@
 //!   ratatui TUI, sysinfo and NVML).
 //!
 //! What is reused from Burn: the autodiff backend, [`GradientsParams`] and burn-optim's
-//! [`GradientsAccumulator`], its AdamW, and the record format of the checkpoint files. The
-//! data-parallel engine (burn-train's multi-device strategies) is not wired in yet.
+//! [`GradientsAccumulator`], its AdamW, and the record format of the checkpoint files. Several
+//! devices are driven by [`accumulate_on_devices`] (Burn's `Module::fork` and
+//! `GradientsParams::to_device`, what burn-train's multi-device strategy is built on), several
+//! machines by burn-collective's all-reduce ([`crate::collective`]).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -5,5 +5,6 @@ mod backends;
 mod common;
 mod decoder_init;
 mod decoder_parity;
+mod gemv;
 mod loader_errors;
 mod positions;
