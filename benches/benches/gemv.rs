@@ -1,0 +1,74 @@
+//! One-row products (a decode step's projections) with and without `kosmos_core::gemv`'s split
+//! over threads, at KOSMOS-2's full-size shapes: `[1, 2048] x [2048, 2048]` (attention),
+//! `[2048, 8192]` and `[8192, 2048]` (FFN) and the tied head `[1, 2048] x [65,037, 2048]ᵀ`; plus a
+//! full-size decode step's 144 layer products over distinct weights (4.8 GB, streamed from memory
+//! as in the model). Run with `cargo bench -p kosmos-benches --bench gemv`.
+
+use burn::prelude::*;
+use burn::tensor::Distribution;
+use criterion::{Criterion, criterion_group, criterion_main};
+use kosmos_core::gemv;
+
+fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
+    let device = B::Device::default();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut group = c.benchmark_group(format!("one-row-product/{backend}"));
+    group.sample_size(10);
+    let random = |dims: [usize; 2]| Tensor::<B, 2>::random(dims, Distribution::Normal(0.0, 0.02), &device);
+    let shapes = [("attention", 2048, 2048), ("fc1", 2048, 8192), ("fc2", 8192, 2048)];
+    for threads in [1, cores] {
+        gemv::set_threads(threads);
+        for (name, k, n) in shapes {
+            let (x, w) = (random([1, k]), random([k, n]));
+            group.bench_function(format!("{name}/{threads}-threads"), |b| {
+                b.iter(|| {
+                    let out = gemv::matmul_one_row(x.clone(), w.clone());
+                    B::sync(&device).unwrap();
+                    out
+                })
+            });
+        }
+        let (x, head) = (random([1, 2048]), random([65037, 2048]));
+        group.bench_function(format!("tied-head/{threads}-threads"), |b| {
+            b.iter(|| {
+                let out = gemv::matmul_one_row(x.clone(), head.clone().transpose());
+                B::sync(&device).unwrap();
+                out
+            })
+        });
+    }
+    // A full-size decode step's layer products, each weight read once per step.
+    let layers: Vec<[Tensor<B, 2>; 6]> = (0..24)
+        .map(|_| {
+            let a = || random([2048, 2048]);
+            [a(), a(), a(), a(), random([2048, 8192]), random([8192, 2048])]
+        })
+        .collect();
+    let (x, xf) = (random([1, 2048]), random([1, 8192]));
+    for threads in [1, cores] {
+        gemv::set_threads(threads);
+        group.bench_function(format!("full-size-step-products/{threads}-threads"), |b| {
+            b.iter(|| {
+                for layer in &layers {
+                    for w in layer {
+                        let input = if w.dims()[0] == 2048 { &x } else { &xf };
+                        let _ = gemv::matmul_one_row(input.clone(), w.clone());
+                    }
+                }
+                B::sync(&device).unwrap();
+            })
+        });
+    }
+    gemv::set_threads(1);
+    group.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    #[cfg(feature = "flex")]
+    bench_backend::<burn::backend::Flex>(c, "flex");
+    #[cfg(feature = "ndarray")]
+    bench_backend::<burn::backend::NdArray>(c, "ndarray");
+}
+
+criterion_group!(gemv, benches);
+criterion_main!(gemv);
