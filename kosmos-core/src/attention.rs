@@ -27,6 +27,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType};
 
 use crate::lora::{LoraAdapter, LoraSlot, forward_with};
+use crate::packed::PackedWeight;
 use crate::positions::{Xpos, XposConfig};
 
 /// Which attention kernel to run.
@@ -97,9 +98,13 @@ impl MultiHeadAttentionConfig {
             v_proj: linear(),
             out_proj: linear(),
             q_proj_lora: None,
+            q_proj_packed: None,
             k_proj_lora: None,
+            k_proj_packed: None,
             v_proj_lora: None,
+            v_proj_packed: None,
             out_proj_lora: None,
+            out_proj_packed: None,
             inner_attn_ln: self.inner_attn_ln.then(|| {
                 LayerNormConfig::new(self.embed_dim)
                     .with_epsilon(self.layer_norm_eps)
@@ -125,12 +130,20 @@ pub struct MultiHeadAttention<B: Backend> {
     pub out_proj: Linear<B>,
     /// LoRA adapter of `q_proj` (see [`crate::lora`]).
     pub q_proj_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `q_proj` for decode steps (see [`crate::packed`]).
+    pub q_proj_packed: Option<PackedWeight<B>>,
     /// LoRA adapter of `k_proj`.
     pub k_proj_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `k_proj` for decode steps (see [`crate::packed`]).
+    pub k_proj_packed: Option<PackedWeight<B>>,
     /// LoRA adapter of `v_proj`.
     pub v_proj_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `v_proj` for decode steps (see [`crate::packed`]).
+    pub v_proj_packed: Option<PackedWeight<B>>,
     /// LoRA adapter of `out_proj`.
     pub out_proj_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `out_proj` for decode steps (see [`crate::packed`]).
+    pub out_proj_packed: Option<PackedWeight<B>>,
     /// MAGNETO sub-LayerNorm before `out_proj`.
     pub inner_attn_ln: Option<LayerNorm<B>>,
     #[module(skip)]
@@ -483,10 +496,25 @@ impl<B: Backend> MultiHeadAttention<B> {
     ) -> Tensor<B, 3> {
         let [b, t, e] = query.dims();
         let kv_in = key_value.unwrap_or_else(|| query.clone());
-        let q = forward_with(&self.q_proj, self.q_proj_lora.as_ref(), query);
+        let q = forward_with(
+            &self.q_proj,
+            self.q_proj_lora.as_ref(),
+            self.q_proj_packed.as_ref(),
+            query,
+        );
         let q = self.split_heads(q).swap_dims(1, 2);
-        let k = self.split_heads(forward_with(&self.k_proj, self.k_proj_lora.as_ref(), kv_in.clone()));
-        let v = self.split_heads(forward_with(&self.v_proj, self.v_proj_lora.as_ref(), kv_in));
+        let k = self.split_heads(forward_with(
+            &self.k_proj,
+            self.k_proj_lora.as_ref(),
+            self.k_proj_packed.as_ref(),
+            kv_in.clone(),
+        ));
+        let v = self.split_heads(forward_with(
+            &self.v_proj,
+            self.v_proj_lora.as_ref(),
+            self.v_proj_packed.as_ref(),
+            kv_in,
+        ));
         let context = match cache {
             // Decoding after a prefill: attend over the cached segments in place.
             Some(cache) if !cache.is_empty() => {
@@ -529,16 +557,41 @@ impl<B: Backend> MultiHeadAttention<B> {
             Some(ln) => ln.forward(context),
             None => context,
         };
-        forward_with(&self.out_proj, self.out_proj_lora.as_ref(), context)
+        forward_with(
+            &self.out_proj,
+            self.out_proj_lora.as_ref(),
+            self.out_proj_packed.as_ref(),
+            context,
+        )
     }
 
     /// The four projections with their LoRA adapter slots.
     pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 4] {
         [
-            LoraSlot::new("q_proj", &mut self.q_proj, &mut self.q_proj_lora),
-            LoraSlot::new("k_proj", &mut self.k_proj, &mut self.k_proj_lora),
-            LoraSlot::new("v_proj", &mut self.v_proj, &mut self.v_proj_lora),
-            LoraSlot::new("out_proj", &mut self.out_proj, &mut self.out_proj_lora),
+            LoraSlot::new(
+                "q_proj",
+                &mut self.q_proj,
+                &mut self.q_proj_lora,
+                &mut self.q_proj_packed,
+            ),
+            LoraSlot::new(
+                "k_proj",
+                &mut self.k_proj,
+                &mut self.k_proj_lora,
+                &mut self.k_proj_packed,
+            ),
+            LoraSlot::new(
+                "v_proj",
+                &mut self.v_proj,
+                &mut self.v_proj_lora,
+                &mut self.v_proj_packed,
+            ),
+            LoraSlot::new(
+                "out_proj",
+                &mut self.out_proj,
+                &mut self.out_proj_lora,
+                &mut self.out_proj_packed,
+            ),
         ]
     }
 }

@@ -22,6 +22,7 @@ use crate::attention::{
     AttentionImpl, AttentionMask, KvCache, MultiHeadAttention, MultiHeadAttentionConfig, PositionTreatment,
 };
 use crate::lora::{LoraAdapter, LoraSlot, forward_with};
+use crate::packed::PackedWeight;
 use crate::positions::XposConfig;
 
 /// Configuration of the position-wise feed-forward network `fc1 -> act -> ffn_layernorm -> fc2`.
@@ -49,7 +50,9 @@ impl FeedForwardConfig {
             fc1: LinearConfig::new(self.embed_dim, self.ffn_dim).init(device),
             fc2: LinearConfig::new(self.ffn_dim, self.embed_dim).init(device),
             fc1_lora: None,
+            fc1_packed: None,
             fc2_lora: None,
+            fc2_packed: None,
             ffn_layernorm: self.subln.then(|| {
                 LayerNormConfig::new(self.ffn_dim)
                     .with_epsilon(self.layer_norm_eps)
@@ -69,8 +72,12 @@ pub struct FeedForward<B: Backend> {
     pub fc2: Linear<B>,
     /// LoRA adapter of `fc1` (see [`crate::lora`]).
     pub fc1_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `fc1` for decode steps (see [`crate::packed`]).
+    pub fc1_packed: Option<PackedWeight<B>>,
     /// LoRA adapter of `fc2`.
     pub fc2_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `fc2` for decode steps (see [`crate::packed`]).
+    pub fc2_packed: Option<PackedWeight<B>>,
     /// MAGNETO sub-LayerNorm over the hidden width.
     pub ffn_layernorm: Option<LayerNorm<B>>,
     #[module(skip)]
@@ -80,21 +87,24 @@ pub struct FeedForward<B: Backend> {
 impl<B: Backend> FeedForward<B> {
     /// `fc2(ffn_layernorm(act(fc1(x))))`.
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let h = self
-            .activation
-            .forward(forward_with(&self.fc1, self.fc1_lora.as_ref(), x));
+        let h = self.activation.forward(forward_with(
+            &self.fc1,
+            self.fc1_lora.as_ref(),
+            self.fc1_packed.as_ref(),
+            x,
+        ));
         let h = match &self.ffn_layernorm {
             Some(ln) => ln.forward(h),
             None => h,
         };
-        forward_with(&self.fc2, self.fc2_lora.as_ref(), h)
+        forward_with(&self.fc2, self.fc2_lora.as_ref(), self.fc2_packed.as_ref(), h)
     }
 
     /// The two projections with their LoRA adapter slots.
     pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 2] {
         [
-            LoraSlot::new("fc1", &mut self.fc1, &mut self.fc1_lora),
-            LoraSlot::new("fc2", &mut self.fc2, &mut self.fc2_lora),
+            LoraSlot::new("fc1", &mut self.fc1, &mut self.fc1_lora, &mut self.fc1_packed),
+            LoraSlot::new("fc2", &mut self.fc2, &mut self.fc2_lora, &mut self.fc2_packed),
         ]
     }
 }

@@ -14,6 +14,7 @@ pub mod decoder;
 pub mod gemv;
 pub mod loader;
 pub mod lora;
+pub mod packed;
 pub mod positions;
 pub mod presets;
 pub mod testing;
@@ -27,4 +28,5 @@ pub use loader::{
     KeyMap, LoadError, LoadReport, TensorFile, cast_floats, load_safetensors, load_safetensors_files, save_safetensors,
 };
 pub use lora::{LoraAdapter, LoraConfig, LoraSlot};
+pub use packed::{PackedWeight, WeightMode};
 pub use positions::{SinusoidalPositions, SinusoidalPositionsConfig, Xpos, XposConfig};

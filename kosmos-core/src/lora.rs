@@ -21,6 +21,8 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::module::linear;
 
+use crate::packed::{MAX_PACKED_ROWS, PackedWeight, WeightMode};
+
 /// Configuration of one [`LoraAdapter`].
 #[derive(Config, Debug, PartialEq)]
 pub struct LoraConfig {
@@ -126,15 +128,24 @@ impl<B: Backend> LoraAdapter<B> {
     }
 }
 
-/// `linear(x)` plus the adapter's update when there is one.
+/// `linear(x)` plus the adapter's update when there is one. With a packed copy of the weight
+/// (bf16 or Q8, [`crate::packed`]) and at most [`MAX_PACKED_ROWS`] rows (a decode step), the
+/// product uses the packed copy; otherwise the f32 weight.
 pub fn forward_with<B: Backend, const D: usize>(
     linear: &Linear<B>,
     adapter: Option<&LoraAdapter<B>>,
+    packed: Option<&PackedWeight<B>>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
+    let dims = x.dims();
+    let rows: usize = dims[..D - 1].iter().product();
+    let base = |x: Tensor<B, D>| match packed {
+        Some(packed) if rows <= MAX_PACKED_ROWS => packed.forward(x, linear.bias.as_ref().map(|b| b.val())),
+        _ => crate::gemv::linear(linear, x),
+    };
     match adapter {
-        Some(adapter) => crate::gemv::linear(linear, x.clone()) + adapter.forward(x),
-        None => crate::gemv::linear(linear, x),
+        Some(adapter) => base(x.clone()) + adapter.forward(x),
+        None => base(x),
     }
 }
 
@@ -161,12 +172,24 @@ pub struct LoraSlot<'a, B: Backend> {
     pub linear: &'a mut Linear<B>,
     /// Its adapter, if attached.
     pub adapter: &'a mut Option<LoraAdapter<B>>,
+    /// Its reduced-precision copy for decode steps, if packed ([`crate::packed`]).
+    pub packed: &'a mut Option<PackedWeight<B>>,
 }
 
 impl<'a, B: Backend> LoraSlot<'a, B> {
     /// The slot of projection `name`.
-    pub fn new(name: &'static str, linear: &'a mut Linear<B>, adapter: &'a mut Option<LoraAdapter<B>>) -> Self {
-        Self { name, linear, adapter }
+    pub fn new(
+        name: &'static str,
+        linear: &'a mut Linear<B>,
+        adapter: &'a mut Option<LoraAdapter<B>>,
+        packed: &'a mut Option<PackedWeight<B>>,
+    ) -> Self {
+        Self {
+            name,
+            linear,
+            adapter,
+            packed,
+        }
     }
 
     /// `[in, out]` of the projection.
@@ -180,8 +203,18 @@ impl<'a, B: Backend> LoraSlot<'a, B> {
         *self.adapter = Some(config.init_seeded(d_in, d_out, seed, device));
     }
 
-    /// Fold the adapter into the projection and remove it.
+    /// Fold the adapter into the projection and remove it. A packed copy is dropped (it no
+    /// longer matches the weight; pack again after merging).
     pub fn merge(&mut self) {
+        if self.adapter.is_some() {
+            *self.packed = None;
+        }
         merge_into(self.linear, self.adapter);
+    }
+
+    /// Keep a reduced-precision copy of the weight for decode steps (`F32`: drop any copy). The
+    /// f32 weight stays: products with many rows (prompts, training) use it.
+    pub fn pack(&mut self, mode: WeightMode) {
+        *self.packed = PackedWeight::pack(self.linear.weight.val(), mode);
     }
 }

@@ -10,6 +10,7 @@ use burn::prelude::*;
 use burn::tensor::DType;
 use clap::{Args, ValueEnum};
 use kosmos_core::backend::{BackendKind, BackendTask, run_task};
+use kosmos_core::packed::WeightMode;
 use kosmos_models::grounding::{BoxXyxy, bbox_to_tokens};
 use kosmos_vision::RgbImage;
 use kosmos_vision::preprocess::load_rgb;
@@ -42,6 +43,11 @@ pub struct ModelArgs {
     /// Attention kernel: Burn's fused attention, or the explicit softmax(QKᵀ)V product.
     #[arg(long, value_enum, default_value_t = AttentionKernel::Fused)]
     pub attention: AttentionKernel,
+    /// Weights of the decode steps: f32 (exact), or a bf16 or Q8 (int8 in blocks of 32) copy of
+    /// the text decoder's projections and the head, read by the one-row products of each new
+    /// token (faster on the CPU; the prompt and the image keep the f32 weights).
+    #[arg(long, value_name = "MODE", default_value = "f32")]
+    pub weights: WeightMode,
 }
 
 impl ModelArgs {
@@ -52,6 +58,7 @@ impl ModelArgs {
             Kosmos2Pipeline::<B>::load_with_adapter(dir, self.adapter.as_deref(), device, self.dtype.dtype())
                 .map_err(|e| e.to_string())?;
         pipeline.model.set_attention_impl(self.attention.implementation());
+        pipeline.model.pack_weights(self.weights);
         Ok(pipeline)
     }
 }

@@ -18,6 +18,7 @@ use kosmos_core::gemv;
 use kosmos_core::loader::{
     HF_KOSMOS2, HF_KOSMOS2_SAVE, HF_KOSMOS2_UNTIED, LoadError, cast_floats, load_safetensors_files,
 };
+use kosmos_core::packed::{MAX_PACKED_ROWS, PackedWeight, WeightMode};
 use kosmos_core::{
     AttentionImpl, AttentionMask, Decoder, DecoderCache, SinusoidalPositions, SinusoidalPositionsConfig,
 };
@@ -47,6 +48,8 @@ pub struct Kosmos2TextForCausalLm<B: Backend> {
     pub model: Kosmos2TextModel<B>,
     /// Untied head (`None` = tied to `model.embed_tokens`).
     pub lm_head: Option<Linear<B>>,
+    /// bf16/Q8 copy of the head (tied or not) for decode steps ([`Kosmos2::pack_weights`]).
+    pub lm_head_packed: Option<PackedWeight<B>>,
 }
 
 /// The vision tower wrapper (HF `Kosmos2VisionModel`, whose tower sits under `model`).
@@ -250,6 +253,7 @@ impl<B: Backend> Kosmos2<B> {
                         })
                         .init(device)
                 }),
+                lm_head_packed: None,
             },
             vision_model: Kosmos2VisionModel {
                 model: config.vision().init(device),
@@ -337,11 +341,16 @@ impl<B: Backend> Kosmos2<B> {
                 })?;
             }
         }
-        // Adapters are folded into the weights: the HF layout has no place for them (see
-        // `save_peft_adapter` to keep them apart).
-        let merged = self.has_lora().then(|| self.clone().merge_lora());
-        let model = merged.as_ref().unwrap_or(self);
-        kosmos_core::loader::save_safetensors(model, out.join("model.safetensors"), HF_KOSMOS2_SAVE)?;
+        // Adapters are folded into the weights (see `save_peft_adapter` to keep them apart) and
+        // packed decode copies (`pack_weights`) are left out: the HF layout has no place for
+        // either. A clone shares the tensors, so this copies nothing.
+        let mut model = if self.has_lora() {
+            self.clone().merge_lora()
+        } else {
+            self.clone()
+        };
+        model.pack_weights(WeightMode::F32);
+        kosmos_core::loader::save_safetensors(&model, out.join("model.safetensors"), HF_KOSMOS2_SAVE)?;
         Ok(())
     }
 
@@ -371,9 +380,11 @@ impl<B: Backend> Kosmos2<B> {
         let [b, t, e] = hidden.dims();
         let rows = hidden.reshape([b * t, e]);
         // One row (a decode step): the head's columns are split over threads (`gemv`).
-        let logits = match &self.text_model.lm_head {
-            Some(head) => gemv::linear(head, rows),
-            None => gemv::matmul_one_row(rows, self.text_model.model.embed_tokens.weight.val().transpose()),
+        let logits = match (&self.text_model.lm_head_packed, &self.text_model.lm_head) {
+            // A decode step with a packed head (`pack_weights`).
+            (Some(packed), _) if b * t <= MAX_PACKED_ROWS => packed.matmul(rows),
+            (_, Some(head)) => gemv::linear(head, rows),
+            (_, None) => gemv::matmul_one_row(rows, self.text_model.model.embed_tokens.weight.val().transpose()),
         };
         let vocab = logits.dims()[1];
         logits.reshape([b, t, vocab])
@@ -513,6 +524,32 @@ impl<B: Backend> Kosmos2<B> {
     pub fn last_logits(&self, hidden: Tensor<B, 3>) -> Tensor<B, 2> {
         let t = hidden.dims()[1];
         self.logits(hidden.narrow(1, t - 1, 1)).squeeze_dim::<2>(1)
+    }
+
+    /// Keep bf16 or Q8 copies of the text decoder's projections and of the head for decode
+    /// steps ([`kosmos_core::packed`]); `F32` drops them. Products with more than
+    /// [`MAX_PACKED_ROWS`] rows (the prompt, the vision tower, training) keep the f32 weights, so
+    /// only the tokens generated after the first use the packed copies, and the first token's
+    /// logits use the packed head. Packing again replaces the copies (after merging LoRA
+    /// adapters, pack again).
+    pub fn pack_weights(&mut self, mode: WeightMode) {
+        for layer in self.text_model.model.decoder.layers.iter_mut() {
+            for mut slot in layer.self_attn.lora_slots().into_iter().chain(layer.ffn.lora_slots()) {
+                slot.pack(mode);
+            }
+        }
+        self.text_model.lm_head_packed = match &self.text_model.lm_head {
+            Some(head) => PackedWeight::pack(head.weight.val(), mode),
+            None => PackedWeight::pack_rows(self.text_model.model.embed_tokens.weight.val(), mode),
+        };
+    }
+
+    /// The mode of the packed copies ([`Kosmos2::pack_weights`]); `F32` when there are none.
+    pub fn weight_mode(&self) -> WeightMode {
+        self.text_model
+            .lm_head_packed
+            .as_ref()
+            .map_or(WeightMode::F32, |p| p.mode())
     }
 
     /// An empty KV cache sized for the text decoder.

@@ -136,28 +136,29 @@ impl NodeGroup {
 pub fn serve_orchestrator_in_background(port: u16) -> Result<(), TrainError> {
     static START: Once = Once::new();
     let mut result = Ok(());
-    START.call_once(|| {
-        let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build();
-        match runtime {
-            Ok(runtime) => {
-                std::thread::spawn(move || runtime.block_on(burn_collective::start_global_orchestrator(port)));
-                // Let it bind before the nodes connect.
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-            Err(e) => result = Err(TrainError::Invalid(format!("orchestrator on port {port}: {e}"))),
+    START.call_once(|| match runtime(port) {
+        Ok(runtime) => {
+            std::thread::spawn(move || runtime.block_on(burn_collective::start_global_orchestrator(port)));
+            // Let it bind before the nodes connect.
+            std::thread::sleep(std::time::Duration::from_millis(200));
         }
+        Err(e) => result = Err(e),
     });
     result
 }
 
 /// Serve the orchestrator on `port` until the process is stopped (`kosmos orchestrator`).
 pub fn serve_orchestrator(port: u16) -> Result<(), TrainError> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    runtime(port)?.block_on(burn_collective::start_global_orchestrator(port));
+    Ok(())
+}
+
+/// The tokio runtime the orchestrator runs on.
+fn runtime(port: u16) -> Result<tokio::runtime::Runtime, TrainError> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| TrainError::Invalid(format!("orchestrator on port {port}: {e}")))?;
-    runtime.block_on(burn_collective::start_global_orchestrator(port));
-    Ok(())
+        .map_err(|e| TrainError::Invalid(format!("orchestrator on port {port}: {e}")))
 }
 
 /// Every trainable parameter's gradient (or zeros), flattened, in visiting order.

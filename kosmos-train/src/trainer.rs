@@ -663,13 +663,12 @@ impl<B: AutodiffBackend> Trainer<B> {
                     found,
                 });
             }
+            // Neither is part of the run hash: the given configuration's logging and nodes apply.
             stored.log = given.log.clone();
+            stored.nodes = given.nodes.clone();
         }
         if let Some(run_dir) = step_dir.parent().and_then(Path::parent) {
             stored.output_dir = run_dir.to_path_buf();
-        }
-        if let Some(given) = config {
-            stored.nodes = given.nodes.clone();
         }
         node.apply(&mut stored)?;
         stored.validate()?;

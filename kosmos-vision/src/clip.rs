@@ -20,6 +20,7 @@ use burn::tensor::Distribution;
 use burn::tensor::module::interpolate;
 use burn::tensor::ops::{InterpolateMode, InterpolateOptions};
 use kosmos_core::lora::{LoraAdapter, LoraSlot, forward_with};
+use kosmos_core::packed::PackedWeight;
 use kosmos_core::{Activation, AttentionImpl, AttentionMask, MultiHeadAttention, MultiHeadAttentionConfig};
 
 /// Configuration of a CLIP vision transformer (HF `CLIPVisionConfig` field names).
@@ -114,7 +115,9 @@ impl ClipVisionConfig {
                             fc1: LinearConfig::new(h, self.intermediate_size).init(device),
                             fc2: LinearConfig::new(self.intermediate_size, h).init(device),
                             fc1_lora: None,
+                            fc1_packed: None,
                             fc2_lora: None,
+                            fc2_packed: None,
                             activation: self.hidden_act,
                         },
                         layer_norm2: self.layer_norm(device),
@@ -212,8 +215,12 @@ pub struct ClipMlp<B: Backend> {
     pub fc2: Linear<B>,
     /// LoRA adapter of `fc1` (see [`kosmos_core::lora`]).
     pub fc1_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `fc1` for decode steps (see [`kosmos_core::packed`]).
+    pub fc1_packed: Option<PackedWeight<B>>,
     /// LoRA adapter of `fc2`.
     pub fc2_lora: Option<LoraAdapter<B>>,
+    /// bf16/Q8 copy of `fc2` for decode steps (see [`kosmos_core::packed`]).
+    pub fc2_packed: Option<PackedWeight<B>>,
     #[module(skip)]
     activation: Activation,
 }
@@ -221,17 +228,20 @@ pub struct ClipMlp<B: Backend> {
 impl<B: Backend> ClipMlp<B> {
     /// Apply the MLP.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let h = self
-            .activation
-            .forward(forward_with(&self.fc1, self.fc1_lora.as_ref(), x));
-        forward_with(&self.fc2, self.fc2_lora.as_ref(), h)
+        let h = self.activation.forward(forward_with(
+            &self.fc1,
+            self.fc1_lora.as_ref(),
+            self.fc1_packed.as_ref(),
+            x,
+        ));
+        forward_with(&self.fc2, self.fc2_lora.as_ref(), self.fc2_packed.as_ref(), h)
     }
 
     /// The two projections with their LoRA adapter slots.
     pub fn lora_slots(&mut self) -> [LoraSlot<'_, B>; 2] {
         [
-            LoraSlot::new("fc1", &mut self.fc1, &mut self.fc1_lora),
-            LoraSlot::new("fc2", &mut self.fc2, &mut self.fc2_lora),
+            LoraSlot::new("fc1", &mut self.fc1, &mut self.fc1_lora, &mut self.fc1_packed),
+            LoraSlot::new("fc2", &mut self.fc2, &mut self.fc2_lora, &mut self.fc2_packed),
         ]
     }
 }

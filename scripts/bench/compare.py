@@ -28,7 +28,10 @@ What it does:
      reference side and by our `generate()` timings on ours;
    - with `--breakdown`: the text decoder alone on the prompt, the LM head over every position and over the last one,
      and one cached decode step split into decoder and head.
-4. Checks that every implementation and repeat produced the same greedy tokens (f32 parity), prints a markdown
+   With `--weights f32,bf16,q8` each of our processes also times models whose decoder projections and head have
+   reduced-precision copies for decode steps (`Kosmos2::pack_weights`; they share the f32 weights), and reports each
+   mode's accuracy against our f32 (teacher-forced logits over the greedy steps, argmax agreement, own greedy tokens).
+4. Checks that every f32 implementation and repeat produced the same greedy tokens (f32 parity), prints a markdown
    table of medians with the ratio reference / ours (> 1: ours is faster), the date, CPU model, thread count and
    versions (also the minimum of each column: under load some repeats are much slower), and writes every timing,
    with the 1-minute load average at each repeat, to `target/bench-compare/<config>/results.json`. Exits 1 when
@@ -99,6 +102,8 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=["fused", "explicit"], default="fused", help="our attention kernel")
     p.add_argument("--breakdown", action="store_true", help="also time decoder and head apart")
+    p.add_argument("--weights", default="f32", help="our weight modes, comma-separated: f32, bf16, q8 (bf16/q8: "
+                   "packed copies of the decoder's projections and the head for decode steps)")
     p.add_argument("--binary", default=None,
                    help="kosmos-compare binary (default: $CARGO_TARGET_DIR or target, release/kosmos-compare)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "target", "bench-compare"))
@@ -260,7 +265,7 @@ class Reference:
 class Ours:
     def __init__(self, binary, device, model_dir, inputs_path, args):
         cmd = [binary, "--model", model_dir, "--inputs", inputs_path, "--device", device, "--new-tokens",
-               str(args.new_tokens), "--attention", args.attention, "--serve"]
+               str(args.new_tokens), "--attention", args.attention, "--serve", "--weights", args.weights]
         if args.breakdown:
             cmd.append("--breakdown")
         env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads)}
@@ -277,8 +282,8 @@ class Ours:
             fail(f"kosmos-compare ({self.device}) exited with status {code} (its error is above)")
         return json.loads(line)
 
-    def repeat(self):
-        self.proc.stdin.write("run\n")
+    def repeat(self, mode="f32"):
+        self.proc.stdin.write(f"run {mode}\n")
         self.proc.stdin.flush()
         return self.read()
 
@@ -367,24 +372,30 @@ def main():
         ref.repeat(attn)  # warm-up
 
     load_before = os.getloadavg()[0]
-    names = ["transformers eager", "transformers sdpa"] + [f"ours {d}" for d in devices]
+    modes = [m.strip() for m in args.weights.split(",") if m.strip()]
+    ours_names = {(d, m): f"ours {d}" if m == "f32" else f"ours {d} {m}" for d in devices for m in modes}
+    names = ["transformers eager", "transformers sdpa"] + list(ours_names.values())
     results = {n: [] for n in names}
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
         load = os.getloadavg()[0]
         results["transformers eager"].append(ref.repeat("eager"))
         results["transformers sdpa"].append(ref.repeat("sdpa"))
-        for d in devices:
-            results[f"ours {d}"].append(ours[d].repeat())
+        for (d, m), n in ours_names.items():
+            results[n].append(ours[d].repeat(m))
         for n in names:
             results[n][-1]["load_average"] = load
     for o in ours.values():
         o.close()
 
+    # f32 parity: only the f32 implementations must give transformers' tokens and logits; the packed
+    # modes (bf16, q8) are reported against f32 below.
+    packed = {n for (d, m), n in ours_names.items() if m != "f32"}
+    exact = [n for n in names if n not in packed]
     reference_tokens = results["transformers eager"][0]["tokens"]
-    mismatches = [(n, i) for n in names for i, r in enumerate(results[n]) if r["tokens"] != reference_tokens]
+    mismatches = [(n, i) for n in exact for i, r in enumerate(results[n]) if r["tokens"] != reference_tokens]
     reference_logits = results["transformers eager"][0]["last_logits_head"]
-    logits_diff = max(abs(a - b) for n in names for r in results[n]
+    logits_diff = max(abs(a - b) for n in exact for r in results[n]
                       for a, b in zip(r["last_logits_head"], reference_logits))
 
     load_after = os.getloadavg()[0]
@@ -416,8 +427,17 @@ def main():
         print(f"greedy tokens DIFFER: {n} repeat {i + 1} gave {results[n][i]['tokens']}, "
               f"transformers eager gave {reference_tokens}")
     elif not mismatches:
-        print(f"greedy tokens: identical for every implementation and repeat ({len(reference_tokens)} tokens: "
+        print(f"greedy tokens: identical for every f32 implementation and repeat ({len(reference_tokens)} tokens: "
               f"{reference_tokens[:8]}...)")
+    for d in devices:
+        for m, acc in ours[d].header.get("accuracy", {}).items():
+            tokens = results[ours_names[(d, m)]][0]["tokens"]
+            same = sum(a == b for a, b in zip(tokens, reference_tokens))
+            print(f"{m} weights ({d}) against our f32, teacher-forced over {acc['steps']} steps: logits max |diff| "
+                  f"{acc['max_abs_logit_diff']:.3g} (largest |logit| {acc['max_abs_logit']:.3g}, relative RMS "
+                  f"{acc['relative_rms_logit_diff']:.2e}), argmax agrees at {acc['forced_argmax_agree']}/{acc['steps']} "
+                  f"steps; free-running greedy tokens: {acc['greedy_same_prefix']} identical before the first "
+                  f"difference, {same}/{len(tokens)} equal to transformers' f32 tokens")
 
     out_path = os.path.join(args.out, args.config, "results.json")
     with open(out_path, "w") as f:

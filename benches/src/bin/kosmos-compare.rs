@@ -4,6 +4,7 @@
 //! ```text
 //! kosmos-compare --model DIR --inputs inputs.safetensors [--device flex|ndarray] [--repeats 5]
 //!                [--new-tokens 32] [--attention fused|explicit] [--breakdown] [--serve]
+//!                [--weights f32,bf16,q8]
 //! ```
 //!
 //! `DIR` is a Hugging Face model directory (`config.json` plus `model.safetensors`);
@@ -23,10 +24,18 @@
 //!   over the last one (also with the head weight stored transposed, `[embed, vocab]`, as a
 //!   one-off copy), and per decode step the decoder (one cached token) and the head.
 //!
-//! Without `--serve` it prints one JSON object with a list of repeats. With `--serve` it prints
-//! `{"ready": ...}` after loading and warming up, then answers each `run` line on stdin with one
-//! JSON line (one repeat), so that a driver can alternate it with other implementations; it exits
-//! on `quit` or end of input.
+//! `--weights` lists weight modes ([`WeightMode`]): besides the f32 model, one model per
+//! reduced-precision mode shares its f32 weights and packs the decoder's projections and the
+//! head ([`Kosmos2::pack_weights`]). Before timing, each packed mode's accuracy against f32 is
+//! measured and reported in the header (`accuracy`): the greedy f32 tokens are fed to both models
+//! (teacher forcing) and the logits of every step compared (largest absolute difference, largest
+//! f32 logit, steps whose argmax agrees), and the packed model's own greedy tokens are compared
+//! with f32's.
+//!
+//! Without `--serve` it prints one JSON object with a list of repeats (per mode). With `--serve` it prints
+//! `{"ready": ...}` after loading and warming up, then answers each `run` line (or `run MODE`,
+//! default the first of `--weights`) on stdin with one JSON line (one repeat), so that a driver
+//! can alternate it with other implementations; it exits on `quit` or end of input.
 
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
@@ -38,6 +47,7 @@ use burn::tensor::TensorData;
 use clap::{Parser, ValueEnum};
 use kosmos_core::AttentionImpl;
 use kosmos_core::backend::{BackendTask, run_task};
+use kosmos_core::packed::WeightMode;
 use kosmos_infer::generate::{GenerationConfig, generate};
 use kosmos_models::{Kosmos2, Kosmos2Input};
 use safetensors::{Dtype, SafeTensors};
@@ -74,6 +84,9 @@ struct Cli {
     /// Answer `run` lines on stdin with one JSON repeat each (for an alternating driver).
     #[arg(long)]
     serve: bool,
+    /// Weight modes to time, comma-separated: f32, bf16, q8 (packed copies for decode steps).
+    #[arg(long, value_delimiter = ',', default_value = "f32")]
+    weights: Vec<WeightMode>,
 }
 
 /// Attention kernels (`--attention`).
@@ -309,6 +322,99 @@ fn parts<B: Backend>(
     Ok(out)
 }
 
+/// The logits of every greedy step with the tokens given (teacher forcing): the prompt's last
+/// position, then one cached step per token but the last.
+fn forced_logits<B: Backend>(
+    model: &Kosmos2<B>,
+    input: &Kosmos2Input<B>,
+    tokens: &[u32],
+    device: &B::Device,
+) -> Result<Vec<Vec<f32>>, String> {
+    let pixels = input.pixel_values.clone().expect("pixels are always given");
+    let image_mask = input.image_embeds_position_mask.as_ref().expect("mask is always given");
+    let embeds = model.image_embeds(pixels);
+    let mut cache = model.new_cache();
+    let [_, len] = input.input_ids.dims();
+    let host = |logits: Tensor<B, 2>| -> Result<Vec<f32>, String> {
+        logits
+            .into_data()
+            .convert::<f32>()
+            .to_vec()
+            .map_err(|e| format!("cannot read the logits: {e:?}"))
+    };
+    let h = model
+        .text_hidden(
+            &input.input_ids,
+            input.attention_mask.as_ref(),
+            Some((&embeds, image_mask)),
+            Some(&mut cache),
+        )
+        .map_err(|e| e.to_string())?;
+    let mut out = vec![host(model.last_logits(h))?];
+    for (step, &token) in tokens.iter().take(tokens.len().saturating_sub(1)).enumerate() {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![token as i64], [1, 1]), device);
+        let total = len + step + 1;
+        let mask = Tensor::<B, 2, Int>::from_data(TensorData::new(vec![1i64; total], [1, total]), device);
+        let h = model
+            .text_hidden(&ids, Some(&mask), None, Some(&mut cache))
+            .map_err(|e| e.to_string())?;
+        out.push(host(model.last_logits(h))?);
+    }
+    Ok(out)
+}
+
+fn argmax(v: &[f32]) -> usize {
+    v.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |(bi, bv), (i, &x)| if x > bv { (i, x) } else { (bi, bv) },
+        )
+        .0
+}
+
+/// A packed model's logits and greedy tokens against the f32 model's (see the module doc).
+fn accuracy<B: Backend>(
+    reference: &Kosmos2<B>,
+    packed: &Kosmos2<B>,
+    input: &Kosmos2Input<B>,
+    config: &GenerationConfig,
+    device: &B::Device,
+) -> Result<Value, String> {
+    let tokens = generate(reference, input, config, None)
+        .map_err(|e| e.to_string())?
+        .new_tokens[0]
+        .clone();
+    let own = generate(packed, input, config, None)
+        .map_err(|e| e.to_string())?
+        .new_tokens[0]
+        .clone();
+    let want = forced_logits(reference, input, &tokens, device)?;
+    let got = forced_logits(packed, input, &tokens, device)?;
+    let (mut max_diff, mut max_logit, mut sum_sq_diff, mut sum_sq, mut agree) = (0f32, 0f32, 0f64, 0f64, 0);
+    for (w, g) in want.iter().zip(&got) {
+        for (a, b) in w.iter().zip(g) {
+            max_diff = max_diff.max((a - b).abs());
+            max_logit = max_logit.max(a.abs());
+            sum_sq_diff += ((a - b) as f64).powi(2);
+            sum_sq += (*a as f64).powi(2);
+        }
+        agree += usize::from(argmax(w) == argmax(g));
+    }
+    let same_prefix = tokens.iter().zip(&own).take_while(|(a, b)| a == b).count();
+    let same = tokens.iter().zip(&own).filter(|(a, b)| a == b).count();
+    Ok(json!({
+        "steps": want.len(),
+        "max_abs_logit_diff": max_diff,
+        "max_abs_logit": max_logit,
+        "relative_rms_logit_diff": (sum_sq_diff / sum_sq.max(f64::MIN_POSITIVE)).sqrt(),
+        "forced_argmax_agree": agree,
+        "greedy_tokens": own.len(),
+        "greedy_same_prefix": same_prefix,
+        "greedy_same": same,
+    }))
+}
+
 fn emit(value: &Value) -> Result<(), String> {
     let mut out = std::io::stdout().lock();
     writeln!(out, "{value}")
@@ -323,6 +429,9 @@ impl BackendTask for Compare {
         let cli = &self.cli;
         let h = &self.inputs;
         let start = Instant::now();
+        if cli.weights.is_empty() {
+            return Err("--weights needs at least one mode".into());
+        }
         let mut model = Kosmos2::<B>::from_pretrained(&cli.model, &device).map_err(|e| e.to_string())?;
         model.set_attention_impl(match cli.attention {
             Attention::Fused => AttentionImpl::Fused,
@@ -342,8 +451,30 @@ impl BackendTask for Compare {
         };
         let mut config = GenerationConfig::greedy(cli.new_tokens);
         config.min_new_tokens = cli.new_tokens;
-        for _ in 0..cli.warmup {
-            repeat(&model, &input, &config, cli.breakdown, &device)?;
+        // One model per weight mode; the packed ones share the f32 model's weights (a clone of a
+        // module shares its tensors) and add their packed copies.
+        let mut models: Vec<(WeightMode, Kosmos2<B>)> = Vec::new();
+        let mut accuracies = serde_json::Map::new();
+        let mut pack_s = serde_json::Map::new();
+        for &mode in &cli.weights {
+            if models.iter().any(|(m, _)| *m == mode) {
+                continue;
+            }
+            let mut m = model.clone();
+            let start = Instant::now();
+            m.pack_weights(mode);
+            sync::<B>(&device)?;
+            pack_s.insert(mode.to_string(), json!(secs(start)));
+            if mode != WeightMode::F32 {
+                accuracies.insert(mode.to_string(), accuracy(&model, &m, &input, &config, &device)?);
+            }
+            models.push((mode, m));
+        }
+        drop(model);
+        for (_, model) in &models {
+            for _ in 0..cli.warmup {
+                repeat(model, &input, &config, cli.breakdown, &device)?;
+            }
         }
         let header = json!({
             "implementation": "kosmos-burn",
@@ -351,27 +482,52 @@ impl BackendTask for Compare {
             "attention": format!("{:?}", cli.attention).to_lowercase(),
             "load_s": load_s,
             "threads": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            "weights": models.iter().map(|(m, _)| m.to_string()).collect::<Vec<_>>(),
+            "pack_s": pack_s,
+            "accuracy": accuracies,
         });
+        let find = |name: &str| -> Result<&Kosmos2<B>, String> {
+            let mode: WeightMode = name.parse()?;
+            models
+                .iter()
+                .find(|(m, _)| *m == mode)
+                .map(|(_, model)| model)
+                .ok_or_else(|| format!("weight mode `{mode}` was not loaded (--weights)"))
+        };
         if cli.serve {
             let mut ready = header;
             ready["ready"] = json!(true);
             emit(&ready)?;
             for line in std::io::stdin().lock().lines() {
                 let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
-                match line.trim() {
-                    "run" => emit(&repeat(&model, &input, &config, cli.breakdown, &device)?)?,
-                    "quit" => break,
-                    "" => {}
-                    other => return Err(format!("unknown command `{other}` on stdin (expected `run` or `quit`)")),
+                let words: Vec<&str> = line.split_whitespace().collect();
+                match words.as_slice() {
+                    ["run"] => emit(&repeat(&models[0].1, &input, &config, cli.breakdown, &device)?)?,
+                    ["run", mode] => emit(&repeat(find(mode)?, &input, &config, cli.breakdown, &device)?)?,
+                    ["quit"] => break,
+                    [] => {}
+                    _ => {
+                        return Err(format!(
+                            "unknown command `{}` on stdin (expected `run`, `run MODE` or `quit`)",
+                            line.trim()
+                        ));
+                    }
                 }
             }
             Ok(())
         } else {
-            let repeats = (0..cli.repeats)
-                .map(|_| repeat(&model, &input, &config, cli.breakdown, &device))
-                .collect::<Result<Vec<_>, _>>()?;
             let mut all = header;
-            all["repeats"] = json!(repeats);
+            for (mode, model) in &models {
+                let repeats = (0..cli.repeats)
+                    .map(|_| repeat(model, &input, &config, cli.breakdown, &device))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let key = if *mode == WeightMode::F32 {
+                    "repeats".to_string()
+                } else {
+                    format!("repeats_{mode}")
+                };
+                all[key] = json!(repeats);
+            }
             emit(&all)
         }
     }

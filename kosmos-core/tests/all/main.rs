@@ -7,4 +7,5 @@ mod decoder_init;
 mod decoder_parity;
 mod gemv;
 mod loader_errors;
+mod packed;
 mod positions;

@@ -10,6 +10,7 @@ mod packed;
 mod processor;
 mod save;
 mod tokenizer;
+mod weights;
 
 /// The default test backend.
 pub type TB = burn::backend::Flex;
