@@ -2,12 +2,14 @@
 //! over threads, at KOSMOS-2's full-size shapes: `[1, 2048] x [2048, 2048]` (attention),
 //! `[2048, 8192]` and `[8192, 2048]` (FFN) and the tied head `[1, 2048] x [65,037, 2048]ᵀ`; plus a
 //! full-size decode step's 144 layer products over distinct weights (4.8 GB, streamed from memory
-//! as in the model). Run with `cargo bench -p kosmos-benches --bench gemv`.
+//! as in the model), in f32 and with the packed bf16 and Q8 copies of `kosmos_core::packed` (the
+//! `--weights` modes; 2.4 and 1.4 GB). Run with `cargo bench -p kosmos-benches --bench gemv`.
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use criterion::{Criterion, criterion_group, criterion_main};
 use kosmos_core::gemv;
+use kosmos_core::packed::{PackedWeight, WeightMode};
 
 fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
     let device = B::Device::default();
@@ -53,6 +55,30 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
                     for w in layer {
                         let input = if w.dims()[0] == 2048 { &x } else { &xf };
                         let _ = gemv::matmul_one_row(input.clone(), w.clone());
+                    }
+                }
+                B::sync(&device).unwrap();
+            })
+        });
+    }
+    // The same products on packed copies (the decode steps of `--weights bf16|q8`).
+    gemv::set_threads(cores);
+    for mode in [WeightMode::Bf16, WeightMode::Q8] {
+        let packed: Vec<Vec<PackedWeight<B>>> = layers
+            .iter()
+            .map(|layer| {
+                layer
+                    .iter()
+                    .map(|w| PackedWeight::pack(w.clone(), mode).expect("packed"))
+                    .collect()
+            })
+            .collect();
+        group.bench_function(format!("full-size-step-products-{mode}/{cores}-threads"), |b| {
+            b.iter(|| {
+                for layer in &packed {
+                    for w in layer {
+                        let input = if w.dims()[1] == 2048 { &x } else { &xf };
+                        let _ = w.matmul(input.clone());
                     }
                 }
                 B::sync(&device).unwrap();
