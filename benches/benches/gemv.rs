@@ -1,5 +1,5 @@
-//! One-row products (a decode step's projections) with and without `kosmos_core::gemv`'s split
-//! over threads, at KOSMOS-2's full-size shapes: `[1, 2048] x [2048, 2048]` (attention),
+//! One-row products (a decode step's projections) with `kosmos_core::gemv` off (1 thread: the
+//! backend's product) and on (all cores: on flex, our kernels), at KOSMOS-2's full-size shapes: `[1, 2048] x [2048, 2048]` (attention),
 //! `[2048, 8192]` and `[8192, 2048]` (FFN) and the tied head `[1, 2048] x [65,037, 2048]ᵀ`; plus a
 //! full-size decode step's 144 layer products over distinct weights (4.8 GB, streamed from memory
 //! as in the model), in f32 and with the packed bf16 and Q8 copies of `kosmos_core::packed` (the
