@@ -111,18 +111,12 @@ pub fn linear<B: Backend, const D: usize>(linear: &Linear<B>, x: Tensor<B, D>) -
 /// backend's product only in the order of the additions.
 #[cfg(feature = "flex")]
 mod flex_f32 {
-    use std::any::Any;
-
     use burn::prelude::*;
-    use burn::tensor::{DType, TensorData, TensorPrimitive};
-    use burn_flex::FlexTensor;
+    use burn::tensor::{DType, TensorPrimitive};
     use rayon::prelude::*;
 
     use crate::packed::Simd;
-
-    fn flex<T: Any>(primitive: &T) -> Option<&FlexTensor> {
-        (primitive as &dyn Any).downcast_ref::<FlexTensor>()
-    }
+    use crate::packed::flex_io::{self, flex};
 
     /// `x [1, k] @ w [k, n]` on flex tensors, or `None` (another backend, another layout or
     /// dtype, no AVX2).
@@ -132,10 +126,7 @@ mod flex_f32 {
             return None;
         }
         let [k, n] = w.dims();
-        let x = match x.clone().into_primitive() {
-            TensorPrimitive::Float(p) => flex(&p)?.to_contiguous(),
-            TensorPrimitive::QFloat(_) => return None,
-        };
+        let x = flex_io::contiguous(x)?;
         let xs = x.as_slice::<f32>()?;
         let w = match w.clone().into_primitive() {
             TensorPrimitive::Float(p) => p,
@@ -153,12 +144,7 @@ mod flex_f32 {
             [1, c] if *c == k as isize => columns(xs, storage, k, n, simd),
             _ => return None,
         };
-        let y = FlexTensor::from_data(TensorData::new(out, [1, n]));
-        let mut slot = Some(y);
-        let primitive = (&mut slot as &mut dyn Any)
-            .downcast_mut::<Option<B::FloatTensorPrimitive>>()?
-            .take()?;
-        Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
+        flex_io::tensor::<B>(out, [1, n])
     }
 
     /// `x @ w` with `w` stored `[k, n]` row-major.
@@ -342,9 +328,7 @@ mod flex_f32 {
             }
             for (r, acc) in acc.iter().enumerate() {
                 let tail: f32 = (i..k).map(|j| x[j] * w[r * k + j]).sum();
-                let pair = _mm_add_ps(_mm256_castps256_ps128(*acc), _mm256_extractf128_ps(*acc, 1));
-                let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-                out[r] = _mm_cvtss_f32(_mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1))) + tail;
+                out[r] = crate::packed::simd::sum(*acc) + tail;
             }
         }
     }

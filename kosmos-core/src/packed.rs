@@ -277,16 +277,48 @@ pub fn quantize_q8(values: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f3
     (q, scales)
 }
 
-/// The flex kernel: reads the packed values and the input from flex's storage.
+/// The way in and out of flex's tensors for the CPU kernels (this module's and
+/// [`crate::gemv`]'s): generic code reaches flex's storage by downcasting the tensor primitives,
+/// and hands a result back as `B`'s primitive when `B` is flex.
 #[cfg(feature = "flex")]
-mod flex_kernel {
+pub(crate) mod flex_io {
     use std::any::Any;
 
     use burn::prelude::*;
-    use burn::tensor::{TensorData, TensorPrimitive, bf16};
+    use burn::tensor::{TensorData, TensorPrimitive};
     use burn_flex::FlexTensor;
+
+    /// The flex tensor behind a primitive, if it is one (not under autodiff, not another backend).
+    pub(crate) fn flex<T: Any>(primitive: &T) -> Option<&FlexTensor> {
+        (primitive as &dyn Any).downcast_ref::<FlexTensor>()
+    }
+
+    /// A float tensor as a contiguous flex tensor (shares the storage when already contiguous).
+    pub(crate) fn contiguous<B: Backend, const D: usize>(tensor: &Tensor<B, D>) -> Option<FlexTensor> {
+        match tensor.clone().into_primitive() {
+            TensorPrimitive::Float(p) => Some(flex(&p)?.to_contiguous()),
+            TensorPrimitive::QFloat(_) => None,
+        }
+    }
+
+    /// `values` (`shape`, row-major) as a `B` tensor when `B`'s float tensors are flex's.
+    pub(crate) fn tensor<B: Backend>(values: Vec<f32>, shape: [usize; 2]) -> Option<Tensor<B, 2>> {
+        let mut slot = Some(FlexTensor::from_data(TensorData::new(values, shape)));
+        let primitive = (&mut slot as &mut dyn Any)
+            .downcast_mut::<Option<B::FloatTensorPrimitive>>()?
+            .take()?;
+        Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
+    }
+}
+
+/// The flex kernel: reads the packed values and the input from flex's storage.
+#[cfg(feature = "flex")]
+mod flex_kernel {
+    use burn::prelude::*;
+    use burn::tensor::bf16;
     use rayon::prelude::*;
 
+    use super::flex_io::{self, flex};
     use super::{MAX_PACKED_ROWS, PackedWeight, Q8_BLOCK, Simd};
 
     /// The packed values of one weight, as slices.
@@ -302,10 +334,6 @@ mod flex_kernel {
         },
     }
 
-    fn flex<T: Any>(primitive: &T) -> Option<&FlexTensor> {
-        (primitive as &dyn Any).downcast_ref::<FlexTensor>()
-    }
-
     /// `x @ wᵀ` on flex tensors, or `None` when the tensors are not flex's (another backend,
     /// autodiff) or `x` has too many rows.
     pub(super) fn matmul<B: Backend>(packed: &PackedWeight<B>, x: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
@@ -314,10 +342,7 @@ mod flex_kernel {
         if rows == 0 || rows > MAX_PACKED_ROWS {
             return None;
         }
-        let x = match x.clone().into_primitive() {
-            TensorPrimitive::Float(p) => flex(&p)?.to_contiguous(),
-            TensorPrimitive::QFloat(_) => return None,
-        };
+        let x = flex_io::contiguous(x)?;
         let xs: &[f32] = x.as_slice::<f32>()?;
         // Keep the primitives alive while their storage is borrowed.
         let (w_primitive, q_primitive, s_primitive);
@@ -344,13 +369,7 @@ mod flex_kernel {
             crate::gemv::threads(),
             Simd::detected(),
         );
-        let y = FlexTensor::from_data(TensorData::new(out, [rows, d_out]));
-        // `B` is flex here (its tensors are `FlexTensor`s): hand the result back as `B`'s primitive.
-        let mut slot = Some(y);
-        let primitive = (&mut slot as &mut dyn Any)
-            .downcast_mut::<Option<B::FloatTensorPrimitive>>()?
-            .take()?;
-        Some(Tensor::from_primitive(TensorPrimitive::Float(primitive)))
+        flex_io::tensor::<B>(out, [rows, d_out])
     }
 
     /// `x [rows, d_input] @ wᵀ`, `[rows, d_out]` row-major, outputs split over `threads`.
@@ -488,7 +507,7 @@ mod flex_kernel {
 
 /// AVX2 + FMA dot products (x86-64).
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
-mod simd {
+pub(crate) mod simd {
     use std::arch::x86_64::*;
     use std::sync::OnceLock;
 
@@ -656,8 +675,9 @@ mod simd {
         s * scales[full]
     }
 
+    /// The sum of the 8 lanes.
     #[target_feature(enable = "avx2,fma")]
-    fn sum(v: __m256) -> f32 {
+    pub(crate) fn sum(v: __m256) -> f32 {
         let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
         let pair = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
         let one = _mm_add_ss(pair, _mm_shuffle_ps(pair, pair, 1));
