@@ -21,7 +21,7 @@ use burn::prelude::*;
 use burn::tensor::Distribution;
 use burn::tensor::module::linear;
 
-use crate::packed::{MAX_PACKED_ROWS, PackedWeight, WeightMode};
+use crate::packed::{PackedWeight, WeightMode};
 
 /// Configuration of one [`LoraAdapter`].
 #[derive(Config, Debug, PartialEq)]
@@ -129,8 +129,8 @@ impl<B: Backend> LoraAdapter<B> {
 }
 
 /// `linear(x)` plus the adapter's update when there is one. With a packed copy of the weight
-/// (bf16 or Q8, [`crate::packed`]) and at most [`MAX_PACKED_ROWS`] rows (a decode step), the
-/// product uses the packed copy; otherwise the f32 weight.
+/// (bf16 or Q8, [`crate::packed`]) that serves the rows ([`PackedWeight::serves`]: a decode
+/// step), the product uses the packed copy; otherwise the f32 weight.
 pub fn forward_with<B: Backend, const D: usize>(
     linear: &Linear<B>,
     adapter: Option<&LoraAdapter<B>>,
@@ -140,7 +140,7 @@ pub fn forward_with<B: Backend, const D: usize>(
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
     let base = |x: Tensor<B, D>| match packed {
-        Some(packed) if rows <= MAX_PACKED_ROWS => packed.forward(x, linear.bias.as_ref().map(|b| b.val())),
+        Some(packed) if packed.serves(rows) => packed.forward(x, linear.bias.as_ref().map(|b| b.val())),
         _ => crate::gemv::linear(linear, x),
     };
     match adapter {

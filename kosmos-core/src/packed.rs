@@ -208,6 +208,13 @@ impl<B: Backend> PackedWeight<B> {
         w.reshape([d_out, padded]).slice([0..d_out, 0..self.d_input])
     }
 
+    /// Whether a product of `rows` rows should use this packed copy: at most
+    /// [`MAX_PACKED_ROWS`] (decode steps, where reading the weight dominates); more rows (the
+    /// prompt, the vision tower, training) use the f32 weight. The one rule every caller applies.
+    pub fn serves(&self, rows: usize) -> bool {
+        rows <= MAX_PACKED_ROWS
+    }
+
     /// `x @ weightᵀ` for `x: [rows, in]`, `[rows, out]`: the kernel on flex, Burn's operations
     /// ([`PackedWeight::matmul_reference`]) elsewhere.
     pub fn matmul(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {

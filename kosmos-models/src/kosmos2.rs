@@ -18,7 +18,7 @@ use kosmos_core::gemv;
 use kosmos_core::loader::{
     HF_KOSMOS2, HF_KOSMOS2_SAVE, HF_KOSMOS2_UNTIED, LoadError, cast_floats, load_safetensors_files,
 };
-use kosmos_core::packed::{MAX_PACKED_ROWS, PackedWeight, WeightMode};
+use kosmos_core::packed::{PackedWeight, WeightMode};
 use kosmos_core::{
     AttentionImpl, AttentionMask, Decoder, DecoderCache, SinusoidalPositions, SinusoidalPositionsConfig,
 };
@@ -382,7 +382,7 @@ impl<B: Backend> Kosmos2<B> {
         // One row (a decode step): the head's columns are split over threads (`gemv`).
         let logits = match (&self.text_model.lm_head_packed, &self.text_model.lm_head) {
             // A decode step with a packed head (`pack_weights`).
-            (Some(packed), _) if b * t <= MAX_PACKED_ROWS => packed.matmul(rows),
+            (Some(packed), _) if packed.serves(b * t) => packed.matmul(rows),
             (_, Some(head)) => gemv::linear(head, rows),
             (_, None) => gemv::matmul_one_row(rows, self.text_model.model.embed_tokens.weight.val().transpose()),
         };
@@ -528,7 +528,8 @@ impl<B: Backend> Kosmos2<B> {
 
     /// Keep bf16 or Q8 copies of the text decoder's projections and of the head for decode
     /// steps ([`kosmos_core::packed`]); `F32` drops them. Products with more than
-    /// [`MAX_PACKED_ROWS`] rows (the prompt, the vision tower, training) keep the f32 weights, so
+    /// [`kosmos_core::packed::MAX_PACKED_ROWS`] rows (the prompt, the vision tower, training)
+    /// keep the f32 weights, so
     /// only the tokens generated after the first use the packed copies, and the first token's
     /// logits use the packed head. Packing again replaces the copies (after merging LoRA
     /// adapters, pack again).
