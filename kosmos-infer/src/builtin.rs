@@ -1,6 +1,6 @@
 //! The shapes-world model compiled into the `kosmos` binary: the default `--model`.
 //!
-//! `assets/shapes/model/` is a tiny KOSMOS-2 (about 1.4M parameters, Hugging Face layout)
+//! `assets/shapes/model/` is a tiny KOSMOS-2 (about 1.3M parameters, Hugging Face layout)
 //! trained from scratch on the synthetic shapes world by the recipe `assets/shapes/train.toml`
 //! (see the book's "The shapes world" chapter). Its files are included in the binary with
 //! `include_bytes!`, so an installed `kosmos` grounds shapes on any machine, offline. The model

@@ -71,7 +71,10 @@ struct EvalArgs {
     /// Evaluate only the first N sentences.
     #[arg(long, value_name = "N")]
     limit: Option<usize>,
-    /// Prompts per generation batch (left-padded; 1 decodes each prompt alone).
+    /// Prompts per generation batch (left-padded; 1 decodes each prompt alone). As in
+    /// transformers, cached decode steps place a padded row's new tokens at positions shifted by
+    /// its padding, which costs a model with absolute positions accuracy: the recorded figures
+    /// use 1.
     #[arg(long, default_value_t = 1)]
     batch: usize,
     /// New tokens per answer.

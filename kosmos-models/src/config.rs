@@ -218,6 +218,34 @@ impl Kosmos2Config {
         serde_json::from_str("{}").expect("defaults")
     }
 
+    /// Multiply-accumulates of the forward pass for one image: the patch embedding, the
+    /// vision encoder's projections, MLPs and attention products over the patches and the class
+    /// token, and the image-to-text projection (its dense layer over those tokens, the latent
+    /// queries' attention over them and the latents). Layer norms and activations are not
+    /// counted.
+    pub fn image_macs(&self) -> u64 {
+        let v = &self.vision_config;
+        let d = self.text_config.embed_dim as u64;
+        let patches = ((v.image_size / v.patch_size.max(1)) as u64).pow(2);
+        let tokens = patches + 1;
+        let (h, i) = (v.hidden_size as u64, v.intermediate_size as u64);
+        let embed = patches * (v.num_channels * v.patch_size * v.patch_size) as u64 * h;
+        let layer = tokens * (4 * h * h + 2 * h * i) + 2 * tokens * tokens * h;
+        let q = self.latent_query_num as u64;
+        let keys = tokens + q;
+        let projection = tokens * h * d + q * d * d * 2 + keys * d * d * 2 + 2 * q * keys * d;
+        embed + v.num_hidden_layers as u64 * layer + projection
+    }
+
+    /// Multiply-accumulates of the text decoder's forward pass per token: every layer's
+    /// projections and feed-forward network, and the head over the vocabulary. Attention
+    /// products (which grow with the sequence's length) are not counted.
+    pub fn text_token_macs(&self) -> u64 {
+        let t = &self.text_config;
+        let (d, f) = (t.embed_dim as u64, t.ffn_dim as u64);
+        t.layers as u64 * (4 * d * d + 2 * d * f) + d * t.vocab_size as u64
+    }
+
     /// Parse and validate a `config.json`.
     pub fn from_json_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();

@@ -295,6 +295,15 @@ pub struct TrainConfig {
     /// number of cores and split the batch into that many micro-batches (`grad_accumulation`).
     #[serde(default = "d_one", skip_serializing_if = "is_one")]
     pub parallel_micro_batches: usize,
+    /// Regroup each step's rows into micro-batches of about equal cost (default false): the
+    /// `batch_size × grad_accumulation` rows of a step are drawn as usual, then sorted by length
+    /// and cut into `grad_accumulation` micro-batches (rows of similar length together, so less
+    /// padding is computed; the micro-batches' row counts then differ), with the cut points that
+    /// make the most expensive micro-batch cheapest (see [`crate::data::balance`]; an image
+    /// counts as `Kosmos2Config::image_macs() / text_token_macs()` text positions). The step's
+    /// loss and gradient are the same mean over the same rows, up to float rounding.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub balance_micro_batches: bool,
     /// Data parallelism over several devices of the backend chosen at run time (default: none,
     /// everything on the `--device` given): device indices, e.g. `[0, 1]` for `cuda:0` and
     /// `cuda:1`. Each group of `max(parallel_micro_batches, devices)` micro-batches is spread

@@ -66,7 +66,7 @@ use crate::checkpoint::{self, RngState, TrainState, step_seed};
 use crate::clip::{clip_grad_norm, global_grad_norm};
 use crate::collective::NodeGroup;
 use crate::config::{LocationInit, ModelInit, ProjectionInit, TrainConfig};
-use crate::data::{Batch, CollateConfig, Collator, DataConfig, DataLoader};
+use crate::data::{Batch, CollateConfig, Collator, DataConfig, DataLoader, Encoded, balance};
 use crate::error::TrainError;
 use crate::location_init::{balance_projection, init_location_embeddings, init_vision_positions, route_projection};
 use crate::metrics::{MetricsLog, StepMetrics};
@@ -569,6 +569,8 @@ pub struct Trainer<B: AutodiffBackend> {
     loader: DataLoader,
     schedule: LrSchedule,
     latents: usize,
+    /// An image's forward pass in text positions (for `balance_micro_batches`).
+    image_cost: f64,
     loss_weights: LossWeights,
     workers: Workers<B>,
     nodes: Option<NodeGroup>,
@@ -749,6 +751,7 @@ impl<B: AutodiffBackend> Trainer<B> {
             optim,
             loader,
             latents,
+            image_cost: model_config.image_macs() as f64 / model_config.text_token_macs().max(1) as f64,
             loss_weights,
             workers,
             nodes,
@@ -796,9 +799,7 @@ impl<B: AutodiffBackend> Trainer<B> {
         let start = Instant::now();
         B::seed(&self.device, step_seed(self.config.seed, step));
         let lr = self.schedule.lr_at(step - 1);
-        let batches = (0..self.config.grad_accumulation)
-            .map(|_| self.loader.next_batch(self.config.batch_size))
-            .collect::<Result<Vec<_>, _>>()?;
+        let batches = self.next_batches()?;
         let non_finite = |what, value, last: &Option<PathBuf>| TrainError::NonFinite {
             step,
             what,
@@ -862,6 +863,31 @@ impl<B: AutodiffBackend> Trainer<B> {
             grad_norm,
             val_loss: None,
         })
+    }
+
+    /// The step's `grad_accumulation` micro-batches: `batch_size` rows each in draw order, or
+    /// with `balance_micro_batches` the same rows regrouped by length ([`crate::data::balance`]).
+    fn next_batches(&mut self) -> Result<Vec<Batch>, TrainError> {
+        let (size, count) = (self.config.batch_size, self.config.grad_accumulation);
+        if !self.config.balance_micro_batches {
+            return Ok((0..count)
+                .map(|_| self.loader.next_batch(size))
+                .collect::<Result<Vec<_>, _>>()?);
+        }
+        let mut rows = Vec::with_capacity(size * count);
+        for _ in 0..count {
+            rows.extend(self.loader.next_rows(size)?);
+        }
+        let measure = |row: &Vec<Encoded>| {
+            (
+                row.iter().map(Encoded::len).sum(),
+                row.iter().map(|e| e.images.len()).sum(),
+            )
+        };
+        Ok(balance(rows, count, self.image_cost, measure)
+            .into_iter()
+            .map(|part| self.loader.collate(part))
+            .collect::<Result<Vec<_>, _>>()?)
     }
 
     /// The validation loss (mean over the scored tokens of `validation.batches` batches, the

@@ -171,6 +171,15 @@ impl DataLoader {
 
     /// The next batch of `batch_size` rows (with packing, rows may hold several documents).
     pub fn next_batch(&mut self, batch_size: usize) -> Result<Batch, DataError> {
+        let rows = self.next_rows(batch_size)?;
+        self.collate(rows)
+    }
+
+    /// The rows of the next batch of `batch_size` rows, not yet collated (each row one example,
+    /// or several packed ones); [`DataLoader::collate`] makes them a batch. Drawing the rows of
+    /// several batches first and regrouping them (see [`crate::data::balance`]) changes which
+    /// micro-batch holds a row, not what is drawn.
+    pub fn next_rows(&mut self, batch_size: usize) -> Result<Vec<Vec<Encoded>>, DataError> {
         let mut packer = Packer::new(self.config.max_len, batch_size.max(1), self.config.packing);
         loop {
             if packer.rows_full() && !self.config.packing {
@@ -188,6 +197,11 @@ impl DataLoader {
                 break;
             }
         }
-        self.collator.collate(packer.into_rows())
+        Ok(packer.into_rows())
+    }
+
+    /// Collate rows (from [`DataLoader::next_rows`]) into a right-padded batch.
+    pub fn collate(&self, rows: Vec<Vec<Encoded>>) -> Result<Batch, DataError> {
+        self.collator.collate(rows)
     }
 }

@@ -8,10 +8,12 @@
 //! * [`collate`]: token ids, labels (image slots, padding and instruction prompts ignored),
 //!   image-position masks, truncation, packing, batches and tensors;
 //! * [`sampler`]: the weighted, seeded, resumable mixture sampler;
+//! * [`balance`]: a step's rows regrouped into micro-batches of about equal cost (less padding);
 //! * [`loader`]: everything together, batch by batch, with a checkpointable state;
 //! * [`error`]: [`DataError`], naming `file:line` (or `shard.tar[member]`), key, expected and
 //!   found.
 
+pub mod balance;
 pub mod collate;
 pub mod config;
 pub mod error;
@@ -21,6 +23,7 @@ pub mod record;
 pub mod sampler;
 pub mod source;
 
+pub use balance::balance;
 pub use collate::{Batch, CollateConfig, Collator, Encoded, Packer, TensorBatch, pack};
 pub use config::{DataConfig, GritConfig, OnError, Overflow, SourceConfig, SourceFormat, SourceKind};
 pub use error::{DataError, Location};

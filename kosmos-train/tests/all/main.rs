@@ -1,6 +1,7 @@
 //! Integration tests of kosmos-train (one test binary for the crate).
 
 mod backends;
+mod balance;
 mod cast;
 mod checkpointing;
 mod clipping;

@@ -24,7 +24,7 @@ use kosmos_vision::freeze::{VisionFreeze, freeze_vision};
 use crate::TB;
 use crate::common::temp_dir;
 
-type AB = Autodiff<TB>;
+pub(crate) type AB = Autodiff<TB>;
 
 fn model_dir() -> PathBuf {
     repo_root().join("fixtures/generate/model")
