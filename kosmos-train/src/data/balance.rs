@@ -43,7 +43,12 @@ pub fn balance<T>(rows: Vec<T>, parts: usize, image_cost: f64, measure: impl Fn(
 pub fn part_cost(rows: &[(usize, usize)], image_cost: f64) -> f64 {
     let longest = rows.iter().map(|&(len, _)| len).max().unwrap_or(0);
     let images: usize = rows.iter().map(|&(_, images)| images).sum();
-    (rows.len() * longest) as f64 + images as f64 * image_cost
+    cost(rows.len(), longest, images, image_cost)
+}
+
+/// `rows × longest + images × image_cost`, the one formula of a part's cost.
+fn cost(rows: usize, longest: usize, images: usize, image_cost: f64) -> f64 {
+    (rows * longest) as f64 + images as f64 * image_cost
 }
 
 /// The end of each run (exclusive) for `sorted` (`(tokens, images)` in ascending length), at most
@@ -59,18 +64,18 @@ fn cut_points(sorted: &[(usize, usize)], parts: usize, image_cost: f64) -> Vec<u
     for (k, &(_, m)) in sorted.iter().enumerate() {
         images[k + 1] = images[k] + m;
     }
-    let cost = |i: usize, j: usize| ((j - i) * sorted[j - 1].0) as f64 + (images[j] - images[i]) as f64 * image_cost;
+    let run = |i: usize, j: usize| cost(j - i, sorted[j - 1].0, images[j] - images[i], image_cost);
     // best[k][j]: the smallest possible largest cost of cutting sorted[..j] into k + 1 runs;
     // from[k][j]: where the last of those runs starts.
     let mut best = vec![vec![f64::INFINITY; n + 1]; runs];
     let mut from = vec![vec![0usize; n + 1]; runs];
     for j in 1..=n {
-        best[0][j] = cost(0, j);
+        best[0][j] = run(0, j);
     }
     for k in 1..runs {
         for j in (k + 1)..=n {
             for i in k..j {
-                let c = best[k - 1][i].max(cost(i, j));
+                let c = best[k - 1][i].max(run(i, j));
                 if c < best[k][j] {
                     best[k][j] = c;
                     from[k][j] = i;
