@@ -29,8 +29,23 @@ impl Activation {
         }
     }
 
-    /// Apply the activation.
+    /// Apply the activation (GELU and `quick_gelu` through [`crate::fused`]'s kernels where they
+    /// apply: flex f32 tensors outside autodiff).
     pub fn forward<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let fused = match self {
+            Self::Gelu => crate::fused::gelu(&x),
+            Self::QuickGelu => crate::fused::quick_gelu(&x),
+            Self::Relu => None,
+        };
+        if let Some(y) = fused {
+            return y;
+        }
+        self.forward_reference(x)
+    }
+
+    /// Apply the activation with Burn's operations (what [`Activation::forward`] does on other
+    /// backends and under autodiff).
+    pub fn forward_reference<B: Backend, const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         match self {
             Self::Gelu => gelu(x),
             Self::QuickGelu => x.clone() * sigmoid(x.mul_scalar(1.702)),

@@ -10,8 +10,9 @@
 //!   with the dtype's most negative finite value as HF does (so a fully masked row gives a
 //!   uniform distribution, never NaN). This is the tested reference path.
 //! * [`AttentionImpl::Fused`]: Burn's `burn::tensor::module::attention`, which each backend may
-//!   implement with a flash kernel. Fully masked rows come out as zeros there; they are never
-//!   read (they are left-padding rows).
+//!   implement with a flash kernel, or on flex with AVX-512 (outside autodiff) this project's
+//!   kernel [`crate::fused::attention`]. Fully masked rows come out as zeros there; they are
+//!   never read (they are left-padding rows).
 //!
 //! The kernel choice applies to uncached calls and to the prefill of an empty cache. Once a
 //! [`KvCache`] holds tokens, a step attends over the cache's segments in place with
@@ -35,7 +36,8 @@ use crate::positions::{Xpos, XposConfig};
 pub enum AttentionImpl {
     /// Matmul, mask, softmax, matmul, written out (the reference path).
     Explicit,
-    /// Burn's fused attention operator (flash kernels where the backend has them).
+    /// Burn's fused attention operator (flash kernels where the backend has them), or
+    /// [`crate::fused::attention`] where it applies (flex f32 with AVX-512, outside autodiff).
     Fused,
 }
 
@@ -608,6 +610,9 @@ pub fn scaled_dot_product<B: Backend>(
     match implementation {
         AttentionImpl::Explicit => explicit_attention(q, k, v, mask),
         AttentionImpl::Fused => {
+            if let Some(out) = crate::fused::attention(&q, &k, &v, mask.as_ref()) {
+                return out;
+            }
             let [b, h, t, _] = q.dims();
             let s = k.dims()[2];
             let mask = mask.map(|m| m.expand([b, h, t, s]));

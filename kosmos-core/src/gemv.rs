@@ -52,11 +52,18 @@ pub fn set_threads_for_cpu() {
 }
 
 /// `x @ w` for `x: [m, k]`, `w: [k, n]` (any strides); with one row, more than one thread set
-/// and at least [`MIN_WEIGHTS`] weights, the columns of `w` are split over the threads.
+/// and at least [`MIN_WEIGHTS`] weights, the columns of `w` are split over the threads. With more
+/// rows and `w` the transposed view of a row-major matrix (a tied LM head), the product goes to
+/// [`crate::fused::matmul_transposed`] where it applies.
 pub fn matmul_one_row<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     let threads = threads();
     let [m, _] = x.dims();
     let [k, n] = w.dims();
+    if m > 1 && threads > 1 && k * n >= MIN_WEIGHTS {
+        if let Some(y) = crate::fused::matmul_transposed(&x, &w) {
+            return y;
+        }
+    }
     if m != 1 || threads < 2 || k * n < MIN_WEIGHTS || n < 2 * threads {
         return x.matmul(w);
     }

@@ -11,6 +11,7 @@ pub mod activation;
 pub mod attention;
 pub mod backend;
 pub mod decoder;
+pub mod fused;
 pub mod gemv;
 pub mod loader;
 pub mod lora;

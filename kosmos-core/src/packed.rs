@@ -310,6 +310,12 @@ pub(crate) mod flex_io {
 
     /// `values` (`shape`, row-major) as a `B` tensor when `B`'s float tensors are flex's.
     pub(crate) fn tensor<B: Backend>(values: Vec<f32>, shape: [usize; 2]) -> Option<Tensor<B, 2>> {
+        tensor_nd::<B, 2>(values, shape)
+    }
+
+    /// `values` (`shape`, row-major) as a `D`-dimensional `B` tensor when `B`'s float tensors are
+    /// flex's.
+    pub(crate) fn tensor_nd<B: Backend, const D: usize>(values: Vec<f32>, shape: [usize; D]) -> Option<Tensor<B, D>> {
         let mut slot = Some(FlexTensor::from_data(TensorData::new(values, shape)));
         let primitive = (&mut slot as &mut dyn Any)
             .downcast_mut::<Option<B::FloatTensorPrimitive>>()?

@@ -5,6 +5,7 @@ mod backends;
 mod common;
 mod decoder_init;
 mod decoder_parity;
+mod fused;
 mod gemv;
 mod loader_errors;
 mod packed;
