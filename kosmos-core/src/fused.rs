@@ -25,8 +25,9 @@
 //! `kosmos-core/tests/all/fused.rs` against f64 evaluations and against the explicit path).
 //!
 //! Each function returns `None` when the tensors are not flex's (another backend, or autodiff:
-//! training keeps Burn's differentiable operations), not f32, or the processor lacks AVX-512;
-//! callers then use Burn's operations. Model code calls them whatever the backend.
+//! training keeps Burn's differentiable operations), not f32, or the processor lacks AVX-512,
+//! or `KOSMOS_FUSED=0` is set in the environment (for comparisons); callers then use Burn's
+//! operations. Model code calls them whatever the backend.
 
 use burn::prelude::*;
 use burn::tensor::Bool;
@@ -35,6 +36,13 @@ use burn::tensor::DType;
 
 #[cfg(feature = "flex")]
 use crate::packed::Simd;
+
+/// Whether the kernels may run here: AVX-512 F, and `KOSMOS_FUSED` not set to `0`.
+#[cfg(feature = "flex")]
+fn enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| Simd::detected() == Simd::Avx512 && std::env::var("KOSMOS_FUSED").map_or(true, |v| v != "0"))
+}
 
 /// `softmax(q kᵀ / √d, masked) v` with `q: [b, h, t, d]`, `k, v: [b, h, s, d]`, `mask`
 /// broadcastable to `[b, 1, t, s]` (`true` = masked); `None` when the kernel does not apply.
@@ -46,7 +54,7 @@ pub fn attention<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     #[cfg(feature = "flex")]
     {
-        if Simd::detected() != Simd::Avx512 {
+        if !enabled() {
             return None;
         }
         flex_attention::run(q, k, v, mask)
@@ -70,7 +78,7 @@ pub fn attention<B: Backend>(
 pub fn matmul_transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
     #[cfg(feature = "flex")]
     {
-        if Simd::detected() != Simd::Avx512 {
+        if !enabled() {
             return None;
         }
         flex_matmul::transposed(x, w)
@@ -101,7 +109,7 @@ enum Unary {
 fn elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>, op: Unary) -> Option<Tensor<B, D>> {
     #[cfg(feature = "flex")]
     {
-        if Simd::detected() != Simd::Avx512 || x.dtype() != DType::F32 {
+        if !enabled() || x.dtype() != DType::F32 {
             return None;
         }
         let flex = crate::packed::flex_io::contiguous(x)?;
@@ -426,8 +434,12 @@ mod avx512 {
                 let mut rows = [_mm512_setzero_ps(); 16];
                 for (i, row) in rows.iter_mut().enumerate() {
                     if half * 16 + i < nr {
+                        let at = (j + half * 16 + i) * k + p0 + p;
                         // SAFETY: row `j + half * 16 + i < j + nr`, columns `p0 + p..+ w`.
-                        *row = unsafe { _mm512_maskz_loadu_ps(lanes, ep.add((j + half * 16 + i) * k + p0 + p)) };
+                        *row = unsafe { _mm512_maskz_loadu_ps(lanes, ep.add(at)) };
+                        // The next strip's row (same columns) into L2 while this one is
+                        // multiplied: a hint, never dereferenced.
+                        _mm_prefetch::<_MM_HINT_T1>(ep.wrapping_add(at + NR * k) as *const i8);
                     }
                 }
                 let cols = transpose16(rows);

@@ -13,7 +13,7 @@ use kosmos_core::{Activation, fused, gemv};
 use crate::common::{ATOL, RTOL, TB, assert_close};
 
 fn has_kernels() -> bool {
-    Simd::detected() == Simd::Avx512
+    Simd::detected() == Simd::Avx512 && std::env::var("KOSMOS_FUSED").map_or(true, |v| v != "0")
 }
 
 /// q, k, v as the projections make them: token-major `[b, t, h, d]` buffers seen as
