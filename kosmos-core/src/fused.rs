@@ -31,14 +31,14 @@
 
 use burn::prelude::*;
 use burn::tensor::Bool;
-#[cfg(feature = "flex")]
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
 use burn::tensor::DType;
 
-#[cfg(feature = "flex")]
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
 use crate::packed::Simd;
 
 /// Whether the kernels may run here: AVX-512 F, and `KOSMOS_FUSED` not set to `0`.
-#[cfg(feature = "flex")]
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
 fn enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| Simd::detected() == Simd::Avx512 && std::env::var("KOSMOS_FUSED").map_or(true, |v| v != "0"))
@@ -52,14 +52,14 @@ pub fn attention<B: Backend>(
     v: &Tensor<B, 4>,
     mask: Option<&Tensor<B, 4, Bool>>,
 ) -> Option<Tensor<B, 4>> {
-    #[cfg(feature = "flex")]
+    #[cfg(all(feature = "flex", target_arch = "x86_64"))]
     {
         if !enabled() {
             return None;
         }
         flex_attention::run(q, k, v, mask)
     }
-    #[cfg(not(feature = "flex"))]
+    #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
     {
         let _ = (q, k, v, mask);
         None
@@ -76,14 +76,14 @@ pub fn attention<B: Backend>(
 /// values of `k` at a time) and multiplied by every row of `x` (packed once into 14-row panels)
 /// while it is in L1. Each output sums in the same order whatever the threads.
 pub fn matmul_transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
-    #[cfg(feature = "flex")]
+    #[cfg(all(feature = "flex", target_arch = "x86_64"))]
     {
         if !enabled() {
             return None;
         }
         flex_matmul::transposed(x, w)
     }
-    #[cfg(not(feature = "flex"))]
+    #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
     {
         let _ = (x, w);
         None
@@ -107,7 +107,7 @@ enum Unary {
 }
 
 fn elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>, op: Unary) -> Option<Tensor<B, D>> {
-    #[cfg(feature = "flex")]
+    #[cfg(all(feature = "flex", target_arch = "x86_64"))]
     {
         if !enabled() || x.dtype() != DType::F32 {
             return None;
@@ -125,7 +125,7 @@ fn elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>, op: Unary) -> Optio
             });
         crate::packed::flex_io::tensor_nd::<B, D>(out, x.dims())
     }
-    #[cfg(not(feature = "flex"))]
+    #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
     {
         let _ = (x, op);
         None
@@ -491,7 +491,7 @@ mod avx512 {
 }
 
 /// The attention kernel on flex tensors.
-#[cfg(feature = "flex")]
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod flex_attention {
     use burn::prelude::*;
     use burn::tensor::{Bool, DType, TensorPrimitive};
@@ -678,7 +678,7 @@ mod flex_attention {
 }
 
 /// The many-row product with a transposed weight on flex tensors.
-#[cfg(feature = "flex")]
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod flex_matmul {
     use burn::prelude::*;
     use burn::tensor::{DType, TensorPrimitive};
