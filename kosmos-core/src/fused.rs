@@ -132,6 +132,33 @@ fn elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>, op: Unary) -> Optio
     }
 }
 
+/// An output buffer the kernels fill completely (no zeroing pass over memory they overwrite).
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+struct Uninit(Vec<std::mem::MaybeUninit<f32>>);
+
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+impl Uninit {
+    fn new(len: usize) -> Self {
+        let mut v = Vec::with_capacity(len);
+        // SAFETY: `MaybeUninit` values need no initialisation.
+        unsafe { v.set_len(len) };
+        Uninit(v)
+    }
+
+    fn as_mut_ptr(&mut self) -> *mut f32 {
+        self.0.as_mut_ptr().cast()
+    }
+
+    /// # Safety
+    /// Every value must have been written.
+    unsafe fn assume_init(self) -> Vec<f32> {
+        let mut v = std::mem::ManuallyDrop::new(self.0);
+        let (ptr, len, cap) = (v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity());
+        // SAFETY: same allocation, layout and length; every value initialised (the caller).
+        unsafe { Vec::from_raw_parts(ptr, len, cap) }
+    }
+}
+
 /// The vectorised functions (AVX-512 F).
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod avx512 {
@@ -498,6 +525,7 @@ mod flex_attention {
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
+    use super::Uninit;
     use super::avx512::{self, ARows, MR, NR};
     use crate::packed::flex_io::{self, flex};
 
@@ -574,7 +602,8 @@ mod flex_attention {
         let s_pad = s.div_ceil(NR) * NR;
         let d_strips = d.div_ceil(NR);
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; b * t * h * d];
+        // Every value is written below (each task its rows, every head column under the masks).
+        let mut out = Uninit::new(b * t * h * d);
         let out_ptr = Out(out.as_mut_ptr());
         let out_ptr = &out_ptr;
         let blocks = t.div_ceil(QUERY_BLOCK);
@@ -673,6 +702,8 @@ mod flex_attention {
             }
         });
         // [b, t, h, d] -> the [b, h, t, d] view.
+        // SAFETY: the tasks wrote every value (above).
+        let out = unsafe { out.assume_init() };
         Some(flex_io::tensor_nd::<B, 4>(out, [b, t, h, d])?.swap_dims(1, 2))
     }
 }
@@ -684,6 +715,7 @@ mod flex_matmul {
     use burn::tensor::{DType, TensorPrimitive};
     use rayon::prelude::*;
 
+    use super::Uninit;
     use super::avx512::{self, ARows, MR, NR};
     use crate::packed::flex_io::{self, flex};
 
@@ -735,7 +767,8 @@ mod flex_matmul {
                 }
             });
 
-        let mut out = vec![0f32; m * n];
+        // Every value is written by the first pass over k (`p0 == 0`, no accumulation).
+        let mut out = Uninit::new(m * n);
         let out_ptr = Out(out.as_mut_ptr());
         let out_ptr = &out_ptr;
         let strips = n.div_ceil(NR);
@@ -775,6 +808,8 @@ mod flex_matmul {
                 }
             }
         });
+        // SAFETY: the first pass wrote every row of every strip (above).
+        let out = unsafe { out.assume_init() };
         flex_io::tensor::<B>(out, [m, n])
     }
 }
