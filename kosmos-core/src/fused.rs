@@ -132,6 +132,16 @@ fn elementwise<B: Backend, const D: usize>(x: &Tensor<B, D>, op: Unary) -> Optio
     }
 }
 
+/// The output's address, shared by the tasks of one kernel call.
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+struct Out(*mut f32);
+// SAFETY: every kernel's tasks write disjoint parts of the output (attention: their own (batch,
+// query, head) rows; the head product: their own column strips) and the call waits for them.
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+unsafe impl Send for Out {}
+#[cfg(all(feature = "flex", target_arch = "x86_64"))]
+unsafe impl Sync for Out {}
+
 /// An output buffer the kernels fill completely (no zeroing pass over memory they overwrite).
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
 struct Uninit(Vec<std::mem::MaybeUninit<f32>>);
@@ -525,8 +535,8 @@ mod flex_attention {
     use burn_flex::FlexTensor;
     use rayon::prelude::*;
 
-    use super::Uninit;
     use super::avx512::{self, ARows, MR, NR};
+    use super::{Out, Uninit};
     use crate::packed::flex_io::{self, flex};
 
     /// Queries per task.
@@ -566,11 +576,6 @@ mod flex_attention {
             self.start + b * self.strides[0] + h * self.strides[1] + i * self.strides[2]
         }
     }
-
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint parts of the output (their own (batch, query, head) rows).
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
 
     pub(super) fn run<B: Backend>(
         q: &Tensor<B, 4>,
@@ -715,17 +720,12 @@ mod flex_matmul {
     use burn::tensor::{DType, TensorPrimitive};
     use rayon::prelude::*;
 
-    use super::Uninit;
     use super::avx512::{self, ARows, MR, NR};
+    use super::{Out, Uninit};
     use crate::packed::flex_io::{self, flex};
 
     /// Depth of one pass (a strip buffer of `KC x 32` values: 32 KiB, in L1).
     const KC: usize = 256;
-
-    struct Out(*mut f32);
-    // SAFETY: tasks write disjoint column strips of the output.
-    unsafe impl Send for Out {}
-    unsafe impl Sync for Out {}
 
     pub(super) fn transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
         let [m, k] = x.dims();

@@ -10,7 +10,7 @@ use kosmos_core::attention::{AttentionMask, explicit_attention};
 use kosmos_core::packed::Simd;
 use kosmos_core::{Activation, fused, gemv};
 
-use crate::common::{ATOL, RTOL, TB, assert_close};
+use crate::common::{ATOL, RTOL, TB, assert_close, assert_reordered, bits, on_threads};
 
 fn has_kernels() -> bool {
     Simd::detected() == Simd::Avx512 && std::env::var("KOSMOS_FUSED").map_or(true, |v| v != "0")
@@ -163,28 +163,6 @@ fn gelu_kernels_match_f64_and_burn() {
     }
 }
 
-/// `|ours - backend| <= 1e-6 + 1e-5 Σ_p |x_ip w_pj|` (only the order of the additions differs).
-fn assert_reordered(ours: Tensor<TB, 2>, x: &Tensor<TB, 2>, w: &Tensor<TB, 2>, what: &str) {
-    let want = x.clone().matmul(w.clone());
-    let bound = x
-        .clone()
-        .abs()
-        .matmul(w.clone().abs())
-        .mul_scalar(1e-5)
-        .add_scalar(1e-6);
-    let over = (ours - want).abs().greater(bound).int().sum().into_scalar();
-    assert_eq!(over, 0, "{what}: {over} outputs off the backend's product");
-}
-
-fn bits(t: Tensor<TB, 2>) -> Vec<u32> {
-    t.into_data()
-        .to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
-}
-
 #[test]
 fn transposed_products_match_the_backend_on_any_thread_count() {
     let device = Default::default();
@@ -209,14 +187,8 @@ fn transposed_products_match_the_backend_on_any_thread_count() {
             continue;
         }
         let ours = ours.expect("kernel");
-        assert_reordered(ours.clone(), &x, &w, &what);
-        let on = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| bits(fused::matmul_transposed(&x, &w).expect("kernel")))
-        };
+        assert_reordered(ours.clone(), x.clone().matmul(w.clone()), &x, &w, &what);
+        let on = |threads: usize| on_threads(threads, || bits(fused::matmul_transposed(&x, &w).expect("kernel")));
         assert_eq!(on(1), on(3), "{what}: the result depends on the threads");
         assert_eq!(bits(ours), on(1), "{what}: the result depends on the threads");
         // A weight stored `[k, n]` is not the kernel's layout.
@@ -228,8 +200,10 @@ fn transposed_products_match_the_backend_on_any_thread_count() {
     let (m, k, n) = (9, 1024, 1100);
     let x = Tensor::<TB, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
     let w = Tensor::<TB, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device).transpose();
+    let want = x.clone().matmul(w.clone());
     assert_reordered(
         gemv::matmul_one_row(x.clone(), w.clone()),
+        want,
         &x,
         &w,
         "matmul_one_row, 9 rows",

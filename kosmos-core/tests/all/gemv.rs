@@ -7,42 +7,7 @@ use burn::nn::LinearConfig;
 use burn::tensor::{Distribution, Tensor};
 use kosmos_core::gemv;
 
-use crate::common::TB;
-
-fn bits(t: Tensor<TB, 2>) -> Vec<u32> {
-    t.into_data()
-        .to_vec::<f32>()
-        .unwrap()
-        .iter()
-        .map(|x| x.to_bits())
-        .collect()
-}
-
-/// `|ours - backend| <= 1e-6 + 1e-5 * Σ_i |x_i w_ij|`: the two differ only in the order of the
-/// f32 additions (bounded by the terms' magnitudes; 1e-5 is about 80 ε).
-fn assert_reordered(ours: Tensor<TB, 2>, want: Tensor<TB, 2>, x: &Tensor<TB, 2>, w: &Tensor<TB, 2>, what: &str) {
-    let bound = x
-        .clone()
-        .abs()
-        .matmul(w.clone().abs())
-        .mul_scalar(1e-5)
-        .add_scalar(1e-6);
-    let diff = (ours - want).abs();
-    let over = diff.clone().greater(bound).int().sum().into_scalar();
-    assert_eq!(
-        over, 0,
-        "{what}: {over} outputs off the backend's product by more than the bound"
-    );
-}
-
-/// `f` on a rayon pool of `threads` threads.
-fn on_threads<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .unwrap()
-        .install(f)
-}
+use crate::common::{TB, assert_reordered, bits, on_threads};
 
 #[test]
 fn one_row_products_match_the_backend_on_any_thread_count() {
