@@ -3,7 +3,9 @@
 //! `[2048, 8192]` and `[8192, 2048]` (FFN) and the tied head `[1, 2048] x [65,037, 2048]ᵀ`; plus a
 //! full-size decode step's 144 layer products over distinct weights (4.8 GB, streamed from memory
 //! as in the model), in f32 and with the packed bf16 and Q8 copies of `kosmos_core::packed` (the
-//! `--weights` modes; 2.4 and 1.4 GB). Run with `cargo bench -p kosmos-benches --bench gemv`.
+//! `--weights` modes; 2.4 and 1.4 GB). Also many-row products (a prompt's `Linear` layers) through
+//! `gemv::linear` against Burn's `Linear::forward`. Run with
+//! `cargo bench -p kosmos-benches --bench gemv`.
 
 use burn::prelude::*;
 use burn::tensor::Distribution;
@@ -89,7 +91,61 @@ fn bench_backend<B: Backend>(c: &mut Criterion, backend: &str) {
     group.finish();
 }
 
+/// Many-row products (a prompt's and the vision tower's `Linear` layers, KOSMOS-2 medium and full
+/// sizes) through `gemv::linear` (on flex: `kosmos_core::fused::matmul`) and through Burn's
+/// `Linear::forward` (the backend's product), each weight a fresh one per iteration from a set
+/// larger than the caches where it fits in 64 MiB (as in the model, which reads each layer's
+/// weight once per forward pass).
+fn bench_many_rows<B: Backend>(c: &mut Criterion, backend: &str) {
+    let device = B::Device::default();
+    let mut group = c.benchmark_group(format!("many-row-product/{backend}"));
+    group.sample_size(20);
+    let shapes = [
+        (97, 512, 512),
+        (97, 512, 2048),
+        (97, 2048, 512),
+        (257, 256, 256),
+        (257, 1024, 256),
+        (97, 2048, 2048),
+        (97, 2048, 8192),
+        (97, 8192, 2048),
+        (257, 1024, 4096),
+        (257, 4096, 1024),
+    ];
+    for (m, k, n) in shapes {
+        let copies = ((64 << 20) / (k * n * 4)).clamp(1, 32);
+        let linears: Vec<_> = (0..copies)
+            .map(|_| burn::nn::LinearConfig::new(k, n).init::<B>(&device))
+            .collect();
+        // Parameters initialise lazily: draw them before timing.
+        for linear in &linears {
+            let _ = linear.weight.val().into_data();
+        }
+        let x = Tensor::<B, 3>::random([1, m, k], Distribution::Normal(0.0, 1.0), &device);
+        let mut i = 0;
+        group.bench_function(format!("[{m}, {k}] x [{k}, {n}]/ours"), |b| {
+            b.iter(|| {
+                i = (i + 1) % copies;
+                let out = gemv::linear(&linears[i], x.clone());
+                B::sync(&device).unwrap();
+                out
+            })
+        });
+        group.bench_function(format!("[{m}, {k}] x [{k}, {n}]/backend"), |b| {
+            b.iter(|| {
+                i = (i + 1) % copies;
+                let out = linears[i].forward(x.clone());
+                B::sync(&device).unwrap();
+                out
+            })
+        });
+    }
+    group.finish();
+}
+
 fn benches(c: &mut Criterion) {
+    #[cfg(feature = "flex")]
+    bench_many_rows::<burn::backend::Flex>(c, "flex");
     #[cfg(feature = "flex")]
     bench_backend::<burn::backend::Flex>(c, "flex");
     #[cfg(feature = "ndarray")]

@@ -1,5 +1,5 @@
-//! Fused inference kernels on flex's CPU tensors: attention over whole sequences and the GELU
-//! activations.
+//! Fused inference kernels on flex's CPU tensors: attention over whole sequences, the GELU
+//! activations and the products of many rows by a weight.
 //!
 //! Burn 0.21's flex computes a prompt's (or the vision tower's) attention one head after the
 //! other on one thread, with a scalar `exp` per score, and copies the heads' strided views into
@@ -15,6 +15,9 @@
 //!   Masked scores get no weight; a query whose keys are all masked gets a zero row (as Burn's
 //!   fused operator does; such rows are left padding, never read).
 //! - [`gelu`] (`x Φ(x)` with the error function) and [`quick_gelu`] (`x σ(1.702 x)`).
+//! - [`matmul`]: `x w + b` for many rows (a prompt's or the vision tower's `Linear` layers, the
+//!   tied head over every position), weight strips packed into L1 one at a time, products on
+//!   the same register tile.
 //!
 //! `exp` is a Cody-Waite range reduction (`x = n ln 2 + r`, `|r| <= ln 2 / 2`) with the degree-7
 //! Taylor polynomial of `e^r` (truncation error below 6e-9 relative) scaled by `2^n`; `erfc` is
@@ -66,26 +69,30 @@ pub fn attention<B: Backend>(
     }
 }
 
-/// `x @ w` for `x: [m, k]` and `w: [k, n]` the transposed view of a row-major `[n, k]` matrix
-/// (a tied LM head, `embed_tokensᵀ`), on flex f32 tensors; `None` when the kernel does not apply
-/// (another layout, backend or dtype, autodiff, no AVX-512).
+/// `x @ w (+ bias)` for `x: [m, k]` and `w: [k, n]` on flex f32 tensors, with `w` stored row by
+/// row (a `Linear`'s `[in, out]` weight, rows any distance apart) or the transposed view of a
+/// row-major `[n, k]` matrix (a tied LM head, `embed_tokensᵀ`); `bias: [n]`. `None` when the
+/// kernel does not apply (another layout, backend or dtype, autodiff, no AVX-512).
 ///
-/// Burn 0.21's flex hands this product to the gemm crate, which repacks the whole `[n, k]`
-/// matrix on every call (the head's 133 MB at medium size, 533 MB at full size). Here each strip
-/// of 32 output columns is transposed into a small buffer (in-register 16 x 16 transposes, 256
-/// values of `k` at a time) and multiplied by every row of `x` (packed once into 14-row panels)
-/// while it is in L1. Each output sums in the same order whatever the threads.
-pub fn matmul_transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+/// Burn 0.21's flex hands many-row products to the gemm crate, which repacks the whole weight on
+/// every call (the head's 133 MB at medium size, 533 MB at full size) before multiplying. Here
+/// the weight is packed 256 values of `k` at a time into strips of 32 output columns: a
+/// `Linear`'s in blocks of up to 8 strips (each row's 256 columns read together), the transposed
+/// view one strip at a time with in-register 16 x 16 transposes and the next strip prefetched;
+/// each strip is multiplied by every row of `x` (packed once into 14-row panels) while it is in
+/// L1, on a 14 x 32 register tile; the bias is the sums' starting value. Each output sums in the
+/// same order whatever the threads.
+pub fn matmul<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>, bias: Option<&Tensor<B, 1>>) -> Option<Tensor<B, 2>> {
     #[cfg(all(feature = "flex", target_arch = "x86_64"))]
     {
         if !enabled() {
             return None;
         }
-        flex_matmul::transposed(x, w)
+        flex_matmul::run(x, w, bias)
     }
     #[cfg(not(all(feature = "flex", target_arch = "x86_64")))]
     {
-        let _ = (x, w);
+        let _ = (x, w, bias);
         None
     }
 }
@@ -367,9 +374,20 @@ mod avx512 {
         Panel,
     }
 
-    /// `c[r, 0..32] (+)= sum_p a[r, p] b[p, 0..32]` for `r < rows <= MR`: `a` as `a_rows` says,
-    /// `b` packed `[kc, 32]`, `c` row `r` at `c + r * ldc`; only the columns in `mask` are
-    /// stored; with `accumulate` the tile adds to what `c` holds.
+    /// What a tile's sums start from.
+    #[derive(Clone, Copy)]
+    pub(super) enum Start {
+        /// Zero.
+        Zero,
+        /// Rows of earlier sums at `from + r * ld` (a later pass over `k`; may be `c` itself).
+        Add(*const f32, usize),
+        /// A bias row of 32 values (those under the mask are read), the same for every row.
+        Bias(*const f32),
+    }
+
+    /// `c[r, 0..32] = start + sum_p a[r, p] b[p, 0..32]` for `r < rows <= MR`: `a` as `a_rows`
+    /// says, `b` packed `[kc, 32]`, `c` row `r` at `c + r * ldc`; only the columns in `mask` are
+    /// read and stored.
     ///
     /// # Safety
     /// AVX-512 F must be available; the pointers cover those extents.
@@ -384,14 +402,14 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
         mask: u32,
-        accumulate: bool,
+        start: Start,
     ) {
         macro_rules! go {
             ($($r:literal)*) => {
                 match (rows, a_rows) {
                     $(
-                        ($r, ARows::Strided(lda)) => tile_n::<$r, false>(kc, a, lda, b, c, ldc, mask, accumulate),
-                        ($r, ARows::Panel) => tile_n::<$r, true>(kc, a, MR, b, c, ldc, mask, accumulate),
+                        ($r, ARows::Strided(lda)) => tile_n::<$r, false>(kc, a, lda, b, c, ldc, mask, start),
+                        ($r, ARows::Panel) => tile_n::<$r, true>(kc, a, MR, b, c, ldc, mask, start),
                     )*
                     _ => unreachable!("tile rows 1..=14"),
                 }
@@ -412,10 +430,16 @@ mod avx512 {
         c: *mut f32,
         ldc: usize,
         mask: u32,
-        accumulate: bool,
+        start: Start,
     ) {
-        let mut lo = [_mm512_setzero_ps(); R];
-        let mut hi = [_mm512_setzero_ps(); R];
+        let (m0, m1) = (mask as u16, (mask >> 16) as u16);
+        let (b0, b1) = match start {
+            // SAFETY: the bias row covers the columns under the mask.
+            Start::Bias(bias) => unsafe { (_mm512_maskz_loadu_ps(m0, bias), _mm512_maskz_loadu_ps(m1, bias.add(16))) },
+            Start::Zero | Start::Add(..) => (_mm512_setzero_ps(), _mm512_setzero_ps()),
+        };
+        let mut lo = [b0; R];
+        let mut hi = [b1; R];
         for p in 0..kc {
             // SAFETY: `p < kc`: row `p` of the packed `b`, column `p` of `a`'s rows.
             unsafe {
@@ -429,15 +453,15 @@ mod avx512 {
                 }
             }
         }
-        let (m0, m1) = (mask as u16, (mask >> 16) as u16);
         for r in 0..R {
             // SAFETY: row `r < rows` of `c`, the columns under the mask.
             unsafe {
                 let row = c.add(r * ldc);
                 let (mut v0, mut v1) = (lo[r], hi[r]);
-                if accumulate {
-                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, row));
-                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, row.add(16)));
+                if let Start::Add(from, ld) = start {
+                    let from = from.add(r * ld);
+                    v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, from));
+                    v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, from.add(16)));
                 }
                 _mm512_mask_storeu_ps(row, m0, v0);
                 _mm512_mask_storeu_ps(row.add(16), m1, v1);
@@ -445,23 +469,25 @@ mod avx512 {
         }
     }
 
-    /// Rows `j..j + nr` (`nr <= 32`), columns `p0..p0 + kc` of the row-major `[n, k]` matrix
-    /// `e`, transposed into `buf[p][32]` (zeros past `nr`), sixteen rows at a time with
-    /// in-register 16 x 16 transposes.
+    /// Rows `j..j + nr` (`nr <= 32`), columns `p0..p0 + kc` of the row-major matrix `e` (rows
+    /// `ld` apart: the `[n, k]` matrix whose transposed view is the product's weight), transposed
+    /// into `buf[p][32]` (zeros past `nr`), sixteen rows at a time with in-register 16 x 16
+    /// transposes.
     ///
     /// # Safety
     /// AVX-512 F must be available; the rows and columns lie within `e`; `buf` holds `kc * 32`.
+    #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn pack_transposed(
         e: &[f32],
-        k: usize,
+        ld: usize,
         j: usize,
         nr: usize,
         p0: usize,
         kc: usize,
         buf: &mut [f32],
     ) {
-        assert!(nr <= NR && buf.len() >= kc * NR && (j + nr) * k <= e.len() && p0 + kc <= k);
+        assert!(nr <= NR && buf.len() >= kc * NR && (j + nr - 1) * ld + p0 + kc <= e.len());
         let (ep, out) = (e.as_ptr(), buf.as_mut_ptr());
         let mut p = 0;
         while p < kc {
@@ -471,12 +497,12 @@ mod avx512 {
                 let mut rows = [_mm512_setzero_ps(); 16];
                 for (i, row) in rows.iter_mut().enumerate() {
                     if half * 16 + i < nr {
-                        let at = (j + half * 16 + i) * k + p0 + p;
+                        let at = (j + half * 16 + i) * ld + p0 + p;
                         // SAFETY: row `j + half * 16 + i < j + nr`, columns `p0 + p..+ w`.
                         *row = unsafe { _mm512_maskz_loadu_ps(lanes, ep.add(at)) };
                         // The next strip's row (same columns) into L2 while this one is
                         // multiplied: a hint, never dereferenced.
-                        _mm_prefetch::<_MM_HINT_T1>(ep.wrapping_add(at + NR * k) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T1>(ep.wrapping_add(at + NR * ld) as *const i8);
                     }
                 }
                 let cols = transpose16(rows);
@@ -486,6 +512,45 @@ mod avx512 {
                 }
             }
             p += 16;
+        }
+    }
+
+    /// Columns `j..j + cols`, rows `p0..p0 + kc` of the row-major `[k, n]` matrix `w` (rows `ld`
+    /// apart: a `Linear`'s weight) copied into `buf` as strips of 32 columns, strip `s` at
+    /// `s * kc * 32`, `[p][32]` within it (zeros past `cols`). Each row's columns are read as
+    /// one contiguous run (rows `ld` apart are often a multiple of 4 KiB apart, so reading a
+    /// 32-column strip down the rows would land every row in the same few cache sets); rows a
+    /// few ahead are prefetched.
+    ///
+    /// # Safety
+    /// AVX-512 F must be available; the rows and columns lie within `w`; `buf` holds
+    /// `cols.div_ceil(32) * kc * 32`.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn pack_rows(w: &[f32], ld: usize, j: usize, cols: usize, p0: usize, kc: usize, buf: &mut [f32]) {
+        const AHEAD: usize = 4;
+        let strips = cols.div_ceil(NR);
+        assert!(buf.len() >= strips * kc * NR && (p0 + kc - 1) * ld + j + cols <= w.len());
+        let (wp, out) = (w.as_ptr(), buf.as_mut_ptr());
+        for p in 0..kc {
+            let at = (p0 + p) * ld + j;
+            let ahead = (p0 + p + AHEAD) * ld + j;
+            for s in 0..strips {
+                let nr = NR.min(cols - s * NR);
+                let mask = if nr == NR { u32::MAX } else { (1u32 << nr) - 1 };
+                let (m0, m1) = (mask as u16, (mask >> 16) as u16);
+                // SAFETY: row `p0 + p`, columns `j + 32 s..+ nr` (the masks), within `w`; row `p`
+                // of strip `s` within `buf`.
+                unsafe {
+                    let lo = _mm512_maskz_loadu_ps(m0, wp.add(at + s * NR));
+                    let hi = _mm512_maskz_loadu_ps(m1, wp.add(at + s * NR + 16));
+                    // A row a few ahead into L1: a hint, never dereferenced.
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(ahead + s * NR) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(ahead + s * NR + 16) as *const i8);
+                    _mm512_storeu_ps(out.add(s * kc * NR + p * NR), lo);
+                    _mm512_storeu_ps(out.add(s * kc * NR + p * NR + 16), hi);
+                }
+            }
         }
     }
 
@@ -663,7 +728,7 @@ mod flex_attention {
                             scores.as_mut_ptr().add(r * ld + strip * NR),
                             ld,
                             u32::MAX,
-                            false,
+                            avx512::Start::Zero,
                         );
                         r += n;
                     }
@@ -699,7 +764,7 @@ mod flex_attention {
                             base.add(r * ld_out + strip * NR),
                             ld_out,
                             mask,
-                            false,
+                            avx512::Start::Zero,
                         );
                         r += n;
                     }
@@ -713,21 +778,68 @@ mod flex_attention {
     }
 }
 
-/// The many-row product with a transposed weight on flex tensors.
+/// The many-row product on flex tensors.
 #[cfg(all(feature = "flex", target_arch = "x86_64"))]
 mod flex_matmul {
+    use std::cell::RefCell;
+    use std::thread::LocalKey;
+
     use burn::prelude::*;
     use burn::tensor::{DType, TensorPrimitive};
     use rayon::prelude::*;
 
-    use super::avx512::{self, ARows, MR, NR};
+    use super::avx512::{self, ARows, MR, NR, Start};
     use super::{Out, Uninit};
     use crate::packed::flex_io::{self, flex};
 
     /// Depth of one pass (a strip buffer of `KC x 32` values: 32 KiB, in L1).
     const KC: usize = 256;
+    /// Most strips of a `Linear`'s weight packed together (8: 256 columns, 1 KiB of each row
+    /// read at once; a 256 KiB buffer, in L2).
+    const MAX_BLOCK: usize = 8;
+    /// Fewest strips packed together where the weight has as many (512 bytes of each row).
+    const MIN_BLOCK: usize = 4;
+    /// Scratch buffers up to this many values (16 MiB) stay with their thread between calls.
+    const SCRATCH_MAX: usize = 1 << 22;
 
-    pub(super) fn transposed<B: Backend>(x: &Tensor<B, 2>, w: &Tensor<B, 2>) -> Option<Tensor<B, 2>> {
+    thread_local! {
+        /// `x` in panels (the calling thread).
+        static PANELS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// A task's packed strips.
+        static STRIPS: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+        /// A task's partial sums between passes over `k`.
+        static PARTIAL: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// `f` on `len` values of this thread's buffer `key` (grown as needed, kept between calls:
+    /// no allocation or page faults per product), or on a fresh buffer when it is in use or
+    /// `len` is above [`SCRATCH_MAX`]. The values are whatever an earlier call left.
+    fn with_scratch<R>(key: &'static LocalKey<RefCell<Vec<f32>>>, len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        key.with(|cell| match cell.try_borrow_mut() {
+            Ok(mut buffer) if len <= SCRATCH_MAX => {
+                if buffer.len() < len {
+                    buffer.resize(len, 0.0);
+                }
+                f(&mut buffer[..len])
+            }
+            _ => f(&mut vec![0f32; len]),
+        })
+    }
+
+    /// How the weight `[k, n]` lies in its storage.
+    #[derive(Clone, Copy)]
+    enum Weight {
+        /// Row `p` at `p * ld` (a `Linear`'s `[in, out]` weight, or a view of its columns).
+        Rows(usize),
+        /// Column `j` at `j * ld`: the transposed view of a row-major `[n, k]` matrix (a tied head).
+        Transposed(usize),
+    }
+
+    pub(super) fn run<B: Backend>(
+        x: &Tensor<B, 2>,
+        w: &Tensor<B, 2>,
+        bias: Option<&Tensor<B, 1>>,
+    ) -> Option<Tensor<B, 2>> {
         let [m, k] = x.dims();
         let [wk, n] = w.dims();
         if wk != k || m == 0 || k == 0 || n == 0 || x.dtype() != DType::F32 || w.dtype() != DType::F32 {
@@ -739,77 +851,198 @@ mod flex_matmul {
         };
         let wf = flex(&w)?;
         let layout = wf.layout();
-        if layout.strides() != [1, k as isize] {
-            return None;
-        }
+        let (weight, extent) = match *layout.strides() {
+            [ld, 1] if ld >= n as isize => (Weight::Rows(ld as usize), (k - 1) * ld as usize + n),
+            [1, ld] if ld >= k as isize => (Weight::Transposed(ld as usize), (n - 1) * ld as usize + k),
+            _ => return None,
+        };
         let start = layout.start_offset();
-        let e = wf.storage::<f32>().get(start..start + n * k)?;
+        let ws = wf.storage::<f32>().get(start..start + extent)?;
+        let bias = match bias {
+            Some(b) if b.dims() == [n] && b.dtype() == DType::F32 => Some(flex_io::contiguous(b)?),
+            Some(_) => return None,
+            None => None,
+        };
+        let bias = match &bias {
+            Some(b) => Some(b.as_slice::<f32>()?),
+            None => None,
+        };
         let x = flex_io::contiguous(x)?;
         let xs = x.as_slice::<f32>()?;
 
-        // x in panels of MR rows, per pass of KC: pass q at q * panels * MR * KC, panel i at
-        // + i * MR * kc, value [p * MR + r] (zero past m).
-        let panels = m.div_ceil(MR);
-        let mut packed = vec![0f32; panels * MR * k];
-        packed
-            .par_chunks_mut(panels * MR * KC)
-            .enumerate()
-            .for_each(|(q, chunk)| {
-                let p0 = q * KC;
-                let kc = KC.min(k - p0);
-                for (i, panel) in chunk.chunks_mut(MR * kc).enumerate() {
-                    for r in 0..MR.min(m - i * MR) {
-                        let row = &xs[(i * MR + r) * k + p0..(i * MR + r) * k + p0 + kc];
-                        for (p, &v) in row.iter().enumerate() {
-                            panel[p * MR + r] = v;
-                        }
-                    }
-                }
-            });
-
-        // Every value is written by the first pass over k (`p0 == 0`, no accumulation).
-        let mut out = Uninit::new(m * n);
-        let out_ptr = Out(out.as_mut_ptr());
-        let out_ptr = &out_ptr;
         let strips = n.div_ceil(NR);
-        let per_task = strips.div_ceil(rayon::current_num_threads() * 8).max(1);
-        (0..strips.div_ceil(per_task)).into_par_iter().for_each(|task| {
-            let mut buf = vec![0f32; KC * NR];
-            let (s0, s1) = (task * per_task, ((task + 1) * per_task).min(strips));
-            for strip in s0..s1 {
-                let j = strip * NR;
-                let nr = NR.min(n - j);
-                let mask = if nr == NR { u32::MAX } else { (1u32 << nr) - 1 };
-                let mut p0 = 0;
-                while p0 < k {
+        let threads = rayon::current_num_threads();
+        // Tasks take blocks of strips. A `Linear`'s weight is packed a block at a time (each
+        // row's columns of the block read together), then each strip of the block is multiplied
+        // by every panel; the transposed view is packed one strip at a time (its strips are 32
+        // rows of the `[n, k]` matrix, already contiguous), the next one prefetched.
+        // A narrow weight (few blocks for the threads) also splits the rows into groups of
+        // panels, each packing the block again (at least 5 panels, 70 rows, per group, over which
+        // the packing is spread).
+        let panels = m.div_ceil(MR);
+        let (block, per_task, groups) = match weight {
+            Weight::Rows(_) => {
+                let block = strips.div_ceil(threads * 4).clamp(MIN_BLOCK.min(strips), MAX_BLOCK);
+                let blocks = strips.div_ceil(block);
+                let groups = (threads * 4).div_ceil(blocks).min(panels / 5).max(1);
+                (block, 1, groups)
+            }
+            Weight::Transposed(_) => (1, strips.div_ceil(threads * 8).max(1), 1),
+        };
+        let plan = Plan {
+            m,
+            k,
+            n,
+            panels,
+            passes: k.div_ceil(KC),
+            block,
+            blocks: strips.div_ceil(block),
+            per_task,
+            groups,
+            group: panels.div_ceil(groups),
+            weight,
+            ws,
+            bias,
+        };
+        let out = with_scratch(&PANELS, plan.panels * MR * k, |panels| plan.run(xs, panels));
+        flex_io::tensor::<B>(out, [m, n])
+    }
+
+    /// One product's shapes, operands and division into tasks.
+    struct Plan<'a> {
+        m: usize,
+        k: usize,
+        n: usize,
+        /// Panels of `MR` rows of `x`.
+        panels: usize,
+        /// Passes of `KC` over `k`.
+        passes: usize,
+        /// Strips per block.
+        block: usize,
+        blocks: usize,
+        /// Blocks per task.
+        per_task: usize,
+        /// Groups of panels (tasks per block).
+        groups: usize,
+        /// Panels per group.
+        group: usize,
+        weight: Weight,
+        /// The weight's storage from its first value.
+        ws: &'a [f32],
+        bias: Option<&'a [f32]>,
+    }
+
+    impl Plan<'_> {
+        /// `x @ w (+ bias)`, `[m, n]` row-major; `panels` holds `panels * MR * k` values.
+        fn run(&self, xs: &[f32], panels: &mut [f32]) -> Vec<f32> {
+            let (m, k) = (self.m, self.k);
+            // x in panels of MR rows, per pass of KC: pass q at q * panels * MR * KC, panel i at
+            // + i * MR * kc, value [p * MR + r] (rows past m are never read).
+            panels
+                .par_chunks_mut(self.panels * MR * KC)
+                .enumerate()
+                .for_each(|(q, chunk)| {
+                    let p0 = q * KC;
                     let kc = KC.min(k - p0);
-                    // SAFETY: AVX-512 F was detected by the caller; rows `j..j + nr` of the
-                    // `[n, k]` matrix, columns `p0..p0 + kc`; every tile reads one panel of
-                    // `kc` columns and writes `rows` rows of this task's own strip.
-                    unsafe {
-                        avx512::pack_transposed(e, k, j, nr, p0, kc, &mut buf);
-                        let pass = packed.as_ptr().add(p0 * panels * MR);
-                        for i in 0..panels {
-                            let rows = MR.min(m - i * MR);
-                            avx512::tile(
-                                rows,
-                                kc,
-                                pass.add(i * MR * kc),
-                                ARows::Panel,
-                                buf.as_ptr(),
-                                out_ptr.0.add(i * MR * n + j),
-                                n,
-                                mask,
-                                p0 > 0,
-                            );
+                    for (i, panel) in chunk.chunks_mut(MR * kc).enumerate() {
+                        for r in 0..MR.min(m - i * MR) {
+                            let row = &xs[(i * MR + r) * k + p0..(i * MR + r) * k + p0 + kc];
+                            for (p, &v) in row.iter().enumerate() {
+                                panel[p * MR + r] = v;
+                            }
                         }
                     }
-                    p0 += kc;
+                });
+            let panels = &*panels;
+
+            // Every value is written by the last pass over k.
+            let mut out = Uninit::new(m * self.n);
+            let out_ptr = Out(out.as_mut_ptr());
+            let out_ptr = &out_ptr;
+            // With several passes over k, the partial sums of a block's rows wait in a
+            // contiguous buffer (output rows `n` apart, often a multiple of 4 KiB, would compete
+            // for the same L1 sets); the last pass adds them and writes the output.
+            let partial = if self.passes > 1 {
+                self.block * self.panels * MR * NR
+            } else {
+                0
+            };
+            (0..self.blocks.div_ceil(self.per_task) * self.groups)
+                .into_par_iter()
+                .for_each(|task| {
+                    let (task, group) = (task / self.groups, task % self.groups);
+                    let rows = group * self.group..((group + 1) * self.group).min(self.panels);
+                    with_scratch(&STRIPS, self.block * KC * NR, |buf| {
+                        with_scratch(&PARTIAL, partial, |partial| {
+                            for b in task * self.per_task..((task + 1) * self.per_task).min(self.blocks) {
+                                self.block_of_strips(b, rows.clone(), panels, buf, partial, out_ptr);
+                            }
+                        })
+                    })
+                });
+            // SAFETY: the last pass wrote every row of every strip (`block_of_strips`).
+            unsafe { out.assume_init() }
+        }
+
+        /// Every pass over `k` of block `b`'s strips by the panels `rows`, writing their part of
+        /// the output.
+        fn block_of_strips(
+            &self,
+            b: usize,
+            rows: std::ops::Range<usize>,
+            panels: &[f32],
+            buf: &mut [f32],
+            partial: &mut [f32],
+            out: &Out,
+        ) {
+            let (m, k, n) = (self.m, self.k, self.n);
+            let strips = n.div_ceil(NR);
+            let (s0, s1) = (b * self.block, ((b + 1) * self.block).min(strips));
+            let (j0, j1) = (s0 * NR, (s1 * NR).min(n));
+            let partial = partial.as_mut_ptr();
+            for pass in 0..self.passes {
+                let p0 = pass * KC;
+                let kc = KC.min(k - p0);
+                if let Weight::Rows(ld) = self.weight {
+                    // SAFETY: AVX-512 F was detected by the caller; rows `p0..p0 + kc`, columns
+                    // `j0..j1` lie within `ws` (its extent, `run`); `buf` holds `block` strips.
+                    unsafe { avx512::pack_rows(self.ws, ld, j0, j1 - j0, p0, kc, buf) };
+                }
+                for strip in s0..s1 {
+                    let j = strip * NR;
+                    let nr = NR.min(n - j);
+                    let mask = if nr == NR { u32::MAX } else { (1u32 << nr) - 1 };
+                    let sums = (strip - s0) * self.panels * MR * NR;
+                    // SAFETY: AVX-512 F detected; the strip's rows lie within `ws`; every tile
+                    // reads one panel of `kc` columns and a packed strip of `buf`, and writes
+                    // `rows` rows of this block's own strip (of `partial` or `out`, whose other
+                    // columns and rows belong to other tasks); the bias has `n` values.
+                    unsafe {
+                        let b = match self.weight {
+                            Weight::Rows(_) => buf.as_ptr().add((strip - s0) * kc * NR),
+                            Weight::Transposed(ld) => {
+                                avx512::pack_transposed(self.ws, ld, j, nr, p0, kc, buf);
+                                buf.as_ptr()
+                            }
+                        };
+                        let a = panels.as_ptr().add(p0 * self.panels * MR);
+                        for i in rows.clone() {
+                            let rows = MR.min(m - i * MR);
+                            let start = match self.bias {
+                                _ if pass > 0 => Start::Add(partial.add(sums + i * MR * NR), NR),
+                                Some(bias) => Start::Bias(bias.as_ptr().add(j)),
+                                None => Start::Zero,
+                            };
+                            let (c, ldc) = if pass + 1 == self.passes {
+                                (out.0.add(i * MR * n + j), n)
+                            } else {
+                                (partial.add(sums + i * MR * NR), NR)
+                            };
+                            avx512::tile(rows, kc, a.add(i * MR * kc), ARows::Panel, b, c, ldc, mask, start);
+                        }
+                    }
                 }
             }
-        });
-        // SAFETY: the first pass wrote every row of every strip (above).
-        let out = unsafe { out.assume_init() };
-        flex_io::tensor::<B>(out, [m, n])
+        }
     }
 }

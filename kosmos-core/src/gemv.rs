@@ -53,14 +53,14 @@ pub fn set_threads_for_cpu() {
 
 /// `x @ w` for `x: [m, k]`, `w: [k, n]` (any strides); with one row, more than one thread set
 /// and at least [`MIN_WEIGHTS`] weights, the columns of `w` are split over the threads. With more
-/// rows and `w` the transposed view of a row-major matrix (a tied LM head), the product goes to
-/// [`crate::fused::matmul_transposed`] where it applies.
+/// rows the product goes to [`crate::fused::matmul`] where it applies (flex, AVX-512, `w` stored
+/// by rows or the transposed view of a row-major matrix such as a tied LM head).
 pub fn matmul_one_row<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B, 2> {
     let threads = threads();
     let [m, _] = x.dims();
     let [k, n] = w.dims();
-    if m > 1 && threads > 1 && k * n >= MIN_WEIGHTS {
-        if let Some(y) = crate::fused::matmul_transposed(&x, &w) {
+    if m > 1 {
+        if let Some(y) = crate::fused::matmul(&x, &w, None) {
             return y;
         }
     }
@@ -88,23 +88,36 @@ pub fn matmul_one_row<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 2>) -> Tensor<B,
     Tensor::cat(outputs, 1)
 }
 
-/// `linear.forward(x)`, with a one-row input through [`matmul_one_row`].
+/// `linear.forward(x)`: a one-row input through [`matmul_one_row`], more than
+/// [`crate::packed::MAX_PACKED_ROWS`] rows through [`crate::fused::matmul`] (bias included) where
+/// it applies, else the backend's `Linear`.
 pub fn linear<B: Backend, const D: usize>(linear: &Linear<B>, x: Tensor<B, D>) -> Tensor<B, D> {
     let dims = x.dims();
     let rows: usize = dims[..D - 1].iter().product();
+    let w = linear.weight.val();
+    let [k, n] = w.dims();
+    let out_dims = || {
+        let mut out = dims;
+        out[D - 1] = n;
+        out
+    };
+    // A few rows (a batch of decode steps) stream the weight like one row does: the backend's
+    // product reads it at least as fast as the packing kernel.
+    if rows > crate::packed::MAX_PACKED_ROWS {
+        let bias = linear.bias.as_ref().map(|b| b.val());
+        if let Some(y) = crate::fused::matmul(&x.clone().reshape([rows, k]), &w, bias.as_ref()) {
+            return y.reshape(out_dims());
+        }
+    }
     if rows != 1 || threads() < 2 {
         return linear.forward(x);
     }
-    let w = linear.weight.val();
-    let [k, n] = w.dims();
     let y = matmul_one_row(x.reshape([1, k]), w);
     let y = match &linear.bias {
         Some(b) => y + b.val().unsqueeze::<2>(),
         None => y,
     };
-    let mut out = dims;
-    out[D - 1] = n;
-    y.reshape(out)
+    y.reshape(out_dims())
 }
 
 /// The f32 one-row kernels on flex's storage (AVX-512 or AVX2 + FMA): a weight stored `[k, n]`

@@ -110,7 +110,7 @@ impl<B: Backend> Kosmos1<B> {
     /// Image embeddings `[images, latents, embed]` from pixels `[images, 3, H, W]`.
     pub fn image_embeds(&self, pixels: Tensor<B, 4>) -> Tensor<B, 3> {
         let features = self.vision.last_hidden_state(pixels, false);
-        self.connector.forward(self.resampler.forward(features))
+        gemv::linear(&self.connector, self.resampler.forward(features))
     }
 
     /// Logits `[batch, len, vocab]`. `pixel_values` holds `images_per_row` images per batch row

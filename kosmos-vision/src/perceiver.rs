@@ -21,6 +21,7 @@ use burn::nn::{LayerNorm, LayerNormConfig, Linear, LinearConfig};
 use burn::prelude::*;
 use burn::tensor::Distribution;
 use kosmos_core::attention::scaled_dot_product;
+use kosmos_core::gemv::linear;
 use kosmos_core::{Activation, AttentionImpl};
 
 /// Configuration of [`PerceiverResampler`] (flamingo-pytorch argument names).
@@ -120,8 +121,8 @@ impl<B: Backend> PerceiverAttention<B> {
         let x = self.norm_media.forward(x);
         let latents = self.norm_latents.forward(latents);
         let [b, l, _] = latents.dims();
-        let q = self.to_q.forward(latents.clone());
-        let kv = self.to_kv.forward(Tensor::cat(vec![x, latents], 1));
+        let q = linear(&self.to_q, latents.clone());
+        let kv = linear(&self.to_kv, Tensor::cat(vec![x, latents], 1));
         let [_, s, two_inner] = kv.dims();
         let inner = two_inner / 2;
         let k = kv.clone().narrow(2, 0, inner);
@@ -129,7 +130,7 @@ impl<B: Backend> PerceiverAttention<B> {
         let h = self.heads;
         let split = |t: Tensor<B, 3>, len: usize| t.reshape([b, len, h, inner / h]).swap_dims(1, 2);
         let out = scaled_dot_product(split(q, l), split(k, s), split(v, s), None, self.implementation);
-        self.to_out.forward(out.swap_dims(1, 2).reshape([b, l, inner]))
+        linear(&self.to_out, out.swap_dims(1, 2).reshape([b, l, inner]))
     }
 }
 
@@ -147,8 +148,10 @@ pub struct PerceiverFeedForward<B: Backend> {
 impl<B: Backend> PerceiverFeedForward<B> {
     /// Apply the FFN (no residual).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.fc2
-            .forward(Activation::Gelu.forward(self.fc1.forward(self.norm.forward(x))))
+        linear(
+            &self.fc2,
+            Activation::Gelu.forward(linear(&self.fc1, self.norm.forward(x))),
+        )
     }
 }
 

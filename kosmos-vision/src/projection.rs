@@ -75,7 +75,7 @@ impl<B: Backend> ImageToTextProjection<B> {
     /// `[B, tokens, vision_width]` features -> `[B, latents, text_width]` image embeddings.
     pub fn forward(&self, features: Tensor<B, 3>) -> Tensor<B, 3> {
         let b = features.dims()[0];
-        let hidden = self.dense.forward(features);
+        let hidden = kosmos_core::gemv::linear(&self.dense, features);
         let [n, t] = self.latent_query.dims();
         let latents = self.latent_query.val().unsqueeze::<3>().expand([b, n, t]);
         let key_value = Tensor::cat(vec![hidden, latents.clone()], 1);

@@ -1,7 +1,8 @@
 //! The fused flex kernels (`kosmos_core::fused`) against the computations they replace:
 //! attention against the explicit path (`explicit_attention`) over masks, shapes, strided
 //! inputs and fully masked rows; the GELU kernels against f64 evaluations and Burn's operations;
-//! the transposed-weight product against the backend's product on any thread count. On a
+//! the many-row product (weights by rows, transposed or column views, with and without bias)
+//! against the backend's product on any thread count. On a
 //! processor without AVX-512 the kernels decline (`None`) and the tests check that instead.
 
 use burn::prelude::Backend;
@@ -163,13 +164,25 @@ fn gelu_kernels_match_f64_and_burn() {
     }
 }
 
+/// `[x, 1]` and `[w; bias]`: the product with the bias as one more term (for the reordering bound).
+fn with_bias(x: &Tensor<TB, 2>, w: &Tensor<TB, 2>, bias: &Tensor<TB, 1>) -> (Tensor<TB, 2>, Tensor<TB, 2>) {
+    let [m, _] = x.dims();
+    let ones = Tensor::<TB, 2>::ones([m, 1], &x.device());
+    (
+        Tensor::cat(vec![x.clone(), ones], 1),
+        Tensor::cat(vec![w.clone(), bias.clone().unsqueeze()], 0),
+    )
+}
+
 #[test]
-fn transposed_products_match_the_backend_on_any_thread_count() {
+fn many_row_products_match_the_backend_on_any_thread_count() {
     let device = Default::default();
-    // (rows, k, n): a prompt's head (97 rows, several passes of 256, strips of 32 plus a tail),
-    // panel edges (13, 14, 15 rows), k below one transpose block, one output column.
+    // (rows, k, n): a prompt's head or layer (97 rows, several passes of 256, strips of 32 plus a
+    // tail), the vision tower's 257 rows, panel edges (13, 14, 15 rows), k below one transpose
+    // block, one output column.
     let shapes = [
         (97, 600, 1031),
+        (257, 64, 96),
         (13, 17, 64),
         (14, 256, 33),
         (15, 513, 1),
@@ -177,24 +190,65 @@ fn transposed_products_match_the_backend_on_any_thread_count() {
         (29, 40, 95),
     ];
     for (m, k, n) in shapes {
-        let what = format!("[{m}, {k}] x [{n}, {k}]ᵀ");
         let x = Tensor::<TB, 2>::random([m, k], Distribution::Normal(0.0, 1.0), &device);
         let e = Tensor::<TB, 2>::random([n, k], Distribution::Normal(0.0, 1.0), &device);
-        let w = e.clone().transpose();
-        let ours = fused::matmul_transposed(&x, &w);
-        if !has_kernels() {
-            assert!(ours.is_none(), "{what}: the kernel must decline without AVX-512");
-            continue;
+        let bias = Tensor::<TB, 1>::random([n], Distribution::Normal(0.0, 1.0), &device);
+        // The weight as a tied head (the transposed view of `[n, k]`), as a `Linear` stores it
+        // (`[k, n]` rows) and as a view of `n` columns of a wider `[k, n + 7]` matrix (rows
+        // `n + 7` apart).
+        let wide = Tensor::<TB, 2>::random([k, n + 7], Distribution::Normal(0.0, 1.0), &device);
+        let weights = [
+            ("transposed", e.clone().transpose()),
+            (
+                "rows",
+                Tensor::<TB, 2>::from_data(e.clone().transpose().into_data(), &device),
+            ),
+            ("column view", wide.slice([0..k, 3..3 + n])),
+        ];
+        for (layout, w) in weights {
+            for with in [false, true] {
+                let what = format!("[{m}, {k}] x [{k}, {n}] ({layout}{})", if with { ", bias" } else { "" });
+                let b = with.then_some(&bias);
+                let ours = fused::matmul(&x, &w, b);
+                if !has_kernels() {
+                    assert!(ours.is_none(), "{what}: the kernel must decline without AVX-512");
+                    continue;
+                }
+                let ours = ours.expect("kernel");
+                if with {
+                    let want = x.clone().matmul(w.clone()) + bias.clone().unsqueeze();
+                    let (xa, wa) = with_bias(&x, &w, &bias);
+                    assert_reordered(ours.clone(), want, &xa, &wa, &what);
+                } else {
+                    assert_reordered(ours.clone(), x.clone().matmul(w.clone()), &x, &w, &what);
+                }
+                let on = |threads: usize| on_threads(threads, || bits(fused::matmul(&x, &w, b).expect("kernel")));
+                assert_eq!(on(1), on(3), "{what}: the result depends on the threads");
+                assert_eq!(bits(ours), on(1), "{what}: the result depends on the threads");
+            }
         }
-        let ours = ours.expect("kernel");
-        assert_reordered(ours.clone(), x.clone().matmul(w.clone()), &x, &w, &what);
-        let on = |threads: usize| on_threads(threads, || bits(fused::matmul_transposed(&x, &w).expect("kernel")));
-        assert_eq!(on(1), on(3), "{what}: the result depends on the threads");
-        assert_eq!(bits(ours), on(1), "{what}: the result depends on the threads");
-        // A weight stored `[k, n]` is not the kernel's layout.
-        let stored = Tensor::<TB, 2>::from_data(e.transpose().into_data(), &device);
-        assert!(fused::matmul_transposed(&x, &stored).is_none());
+        // A broadcast weight (every row the same values, stored once or copied, as the backend
+        // chooses) is declined or multiplied correctly; a bias of the wrong length is declined.
+        let broadcast = bias.clone().unsqueeze::<2>().expand([k, n]);
+        if let Some(ours) = fused::matmul(&x, &broadcast, None) {
+            let want = x.clone().matmul(broadcast.clone());
+            assert_reordered(ours, want, &x, &broadcast, "a broadcast weight");
+        }
+        let short = Tensor::<TB, 1>::zeros([n + 1], &device);
+        assert!(
+            fused::matmul(&x, &e.clone().transpose(), Some(&short)).is_none(),
+            "a bias of n + 1 values is declined"
+        );
     }
+    // Through `gemv::linear` (every `Linear` of the models) on a 3-d input, with its bias, against
+    // Burn's `Linear`.
+    let linear = burn::nn::LinearConfig::new(300, 70).init::<TB>(&device);
+    let x3 = Tensor::<TB, 3>::random([2, 49, 300], Distribution::Normal(0.0, 1.0), &device);
+    let ours = gemv::linear(&linear, x3.clone()).reshape([98, 70]);
+    let want = linear.forward(x3.clone()).reshape([98, 70]);
+    let bias = linear.bias.as_ref().expect("a bias").val();
+    let (xa, wa) = with_bias(&x3.reshape([98, 300]), &linear.weight.val(), &bias);
+    assert_reordered(ours, want, &xa, &wa, "gemv::linear, [2, 49, 300] x [300, 70] + bias");
     // Through `gemv::matmul_one_row` (the LM head's call), above `MIN_WEIGHTS`, with threads set.
     gemv::set_threads(2);
     let (m, k, n) = (9, 1024, 1100);
