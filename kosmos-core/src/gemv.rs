@@ -7,9 +7,9 @@
 //! decode step read its weights at one core's bandwidth (about 11 GB/s here, against 20-25 GB/s
 //! with both cores; the benchmark chapter has the measurements). [`matmul_one_row`] therefore
 //! runs such products itself: on flex with AVX2 (or AVX-512), kernels of ours read the f32
-//! weight from flex's storage in the layout it has (`[k, n]` row by row, or the transposed view
-//! of an `[n, k]` tied head as dot products) on all cores, at 24-25 GB/s where the split gemm path
-//! reached 14-15 GB/s (each output's sum in a fixed order, so the result does not depend on the
+//! weight from flex's storage in the layout it has (`[k, n]` in runs of consecutive rows, or the
+//! transposed view of an `[n, k]` tied head as dot products) on all cores, at 28-30 GB/s where
+//! the split gemm path reached 14-15 GB/s (each output's sum in a fixed order, so the result does not depend on the
 //! thread count; it differs from the backend's product only in the order of the additions).
 //! Elsewhere (another backend, autodiff, no AVX2, another layout) it splits `W` by output columns
 //! into one block per thread (strided views, no copy) and runs the backend's product on each
@@ -121,12 +121,13 @@ pub fn linear<B: Backend, const D: usize>(linear: &Linear<B>, x: Tensor<B, D>) -
 }
 
 /// The f32 one-row kernels on flex's storage (AVX-512 or AVX2 + FMA): a weight stored `[k, n]`
-/// (a `Linear`'s) is read row by row, 256 (AVX-512) or 128 (AVX2) output columns per task held
-/// in registers, with a software prefetch a few rows ahead (each row of a task is a new memory
-/// page, which the hardware prefetchers do not follow); a transposed view of an `[n, k]` weight
-/// (the tied head) is read as four dot products per pass. Measured on the full-size decoder's
-/// products (2 threads, distinct weights): 24-25 GB/s, against 14-15 GB/s for the gemm crate's
-/// matrix-vector path split over the same threads. Each output's sum runs in a fixed order
+/// (a `Linear`'s) is read, with AVX-512 and up to 8192 columns, in tasks of 128 consecutive rows
+/// (one contiguous run each, partial sums added in a fixed order afterwards); otherwise 256
+/// (AVX-512) or 128 (AVX2) output columns per task held in registers, row by row with a
+/// software prefetch a few rows ahead. A transposed view of an `[n, k]` weight (the tied head)
+/// is read as four dot products per pass. Measured on the full-size decoder's products (2
+/// threads, distinct weights): 28-30 GB/s by runs of rows, 24-25 GB/s by columns, against 14-15
+/// GB/s for the gemm crate's matrix-vector path split over the same threads. Each output's sum runs in a fixed order
 /// whatever the threads, so results do not depend on the thread count; they differ from the
 /// backend's product only in the order of the additions.
 #[cfg(feature = "flex")]
@@ -167,8 +168,35 @@ mod flex_f32 {
         flex_io::tensor::<B>(out, [1, n])
     }
 
+    /// Rows of `w` per task of the AVX-512 row kernel (a fixed number, so that the sums do not
+    /// depend on the threads).
+    const CHUNK: usize = 128;
+
     /// `x @ w` with `w` stored `[k, n]` row-major.
+    ///
+    /// With AVX-512: tasks take [`CHUNK`] consecutive rows each (one contiguous run of memory,
+    /// which the hardware prefetchers stream at the full bandwidth; a split by columns reads
+    /// each row in pieces a page apart) and sum `x_i w_i` over them into a partial row of `n`
+    /// values held in L1; the partial rows are then added in chunk order.
     fn rows(x: &[f32], w: &[f32], k: usize, n: usize, simd: Simd) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if simd == Simd::Avx512 && n <= 8192 {
+            let chunks = k.div_ceil(CHUNK);
+            let mut partial = vec![0f32; chunks * n];
+            partial.par_chunks_mut(n).enumerate().for_each(|(c, acc)| {
+                let rows = c * CHUNK..((c + 1) * CHUNK).min(k);
+                // SAFETY: AVX-512 F was detected; rows `rows` of `w` hold `n` values each.
+                unsafe { kernels::rows_chunk_512(&x[rows.clone()], &w[rows.start * n..rows.end * n], n, acc) };
+            });
+            let (first, rest) = partial.split_at(n);
+            let mut out = first.to_vec();
+            for part in rest.chunks(n) {
+                for (o, p) in out.iter_mut().zip(part) {
+                    *o += p;
+                }
+            }
+            return out;
+        }
         let tile = if simd == Simd::Avx512 { 256 } else { 128 };
         let mut out = vec![0f32; n];
         out.par_chunks_mut(tile).enumerate().for_each(|(t, out)| {
@@ -255,6 +283,63 @@ mod flex_f32 {
             for (v, acc) in acc.iter().enumerate() {
                 // SAFETY: `out` holds 256 values.
                 unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(16 * v), *acc) };
+            }
+        }
+
+        /// `acc = sum_i x[i] w[i]` over the rows of `w` (`x.len()` rows of `n` values, one
+        /// contiguous run), four rows per pass over `acc`.
+        ///
+        /// # Safety
+        /// AVX-512 F must be available; `w` holds `x.len() * n` values, `acc` `n`.
+        #[target_feature(enable = "avx512f")]
+        pub(super) unsafe fn rows_chunk_512(x: &[f32], w: &[f32], n: usize, acc: &mut [f32]) {
+            let k = x.len();
+            assert!(w.len() >= k * n && acc.len() == n);
+            let (wp, ap) = (w.as_ptr(), acc.as_mut_ptr());
+            acc.fill(0.0);
+            let mask = |j: usize| -> __mmask16 {
+                let left = n - j;
+                if left >= 16 { 0xffff } else { (1u16 << left) - 1 }
+            };
+            let mut i = 0;
+            while i + 4 <= k {
+                let (x0, x1, x2, x3) = (
+                    _mm512_set1_ps(x[i]),
+                    _mm512_set1_ps(x[i + 1]),
+                    _mm512_set1_ps(x[i + 2]),
+                    _mm512_set1_ps(x[i + 3]),
+                );
+                let mut j = 0;
+                while j < n {
+                    let m = mask(j);
+                    // SAFETY: rows `i..i + 4 < k`, columns `j..j + 16` under the mask.
+                    unsafe {
+                        let r = wp.add(i * n + j);
+                        let mut a = _mm512_maskz_loadu_ps(m, ap.add(j));
+                        a = _mm512_fmadd_ps(x0, _mm512_maskz_loadu_ps(m, r), a);
+                        a = _mm512_fmadd_ps(x1, _mm512_maskz_loadu_ps(m, r.add(n)), a);
+                        a = _mm512_fmadd_ps(x2, _mm512_maskz_loadu_ps(m, r.add(2 * n)), a);
+                        a = _mm512_fmadd_ps(x3, _mm512_maskz_loadu_ps(m, r.add(3 * n)), a);
+                        _mm512_mask_storeu_ps(ap.add(j), m, a);
+                    }
+                    j += 16;
+                }
+                i += 4;
+            }
+            while i < k {
+                let xi = _mm512_set1_ps(x[i]);
+                let mut j = 0;
+                while j < n {
+                    let m = mask(j);
+                    // SAFETY: row `i < k`, columns `j..j + 16` under the mask.
+                    unsafe {
+                        let a = _mm512_maskz_loadu_ps(m, ap.add(j));
+                        let a = _mm512_fmadd_ps(xi, _mm512_maskz_loadu_ps(m, wp.add(i * n + j)), a);
+                        _mm512_mask_storeu_ps(ap.add(j), m, a);
+                    }
+                    j += 16;
+                }
+                i += 1;
             }
         }
 

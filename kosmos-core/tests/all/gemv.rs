@@ -32,6 +32,21 @@ fn one_row_products_match_the_backend_on_any_thread_count() {
         assert_eq!(bits(ours), one, "{what}: the result depends on the threads");
     }
 
+    // Weights stored `[k, n]` read in runs of 128 rows: a short last run with rows past a
+    // multiple of 4 (k = 1027); more than 8192 columns (read by columns instead).
+    for (k, n) in [(1027, 1031), (130, 8200)] {
+        assert!(k * n >= gemv::MIN_WEIGHTS);
+        let what = format!("[1, {k}] x [{k}, {n}]");
+        let x = Tensor::<TB, 2>::random([1, k], Distribution::Normal(0.0, 1.0), &device);
+        let w = Tensor::<TB, 2>::random([k, n], Distribution::Normal(0.0, 1.0), &device);
+        let ours = gemv::matmul_one_row(x.clone(), w.clone());
+        assert_reordered(ours.clone(), x.clone().matmul(w.clone()), &x, &w, &what);
+        let one = on_threads(1, || bits(gemv::matmul_one_row(x.clone(), w.clone())));
+        let three = on_threads(3, || bits(gemv::matmul_one_row(x.clone(), w.clone())));
+        assert_eq!(one, three, "{what}: the result depends on the threads");
+        assert_eq!(bits(ours), one, "{what}: the result depends on the threads");
+    }
+
     // `Linear` with a bias, rank-3 input of one row, and two rows (left to the backend).
     let linear = LinearConfig::new(k, n).init::<TB>(&device);
     let x3 = x.clone().reshape([1, 1, k]);
