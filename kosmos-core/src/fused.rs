@@ -16,8 +16,8 @@
 //!   fused operator does; such rows are left padding, never read).
 //! - [`gelu`] (`x Φ(x)` with the error function) and [`quick_gelu`] (`x σ(1.702 x)`).
 //! - [`matmul`]: `x w + b` for many rows (a prompt's or the vision tower's `Linear` layers, the
-//!   tied head over every position), weight strips packed into L1 one at a time, products on
-//!   the same register tile.
+//!   tied head over every position): the weight packed into strips of 32 columns a block at a
+//!   time, each strip multiplied by every row while it is in L1, on the same register tile.
 //!
 //! `exp` is a Cody-Waite range reduction (`x = n ln 2 + r`, `|r| <= ln 2 / 2`) with the degree-7
 //! Taylor polynomial of `e^r` (truncation error below 6e-9 relative) scaled by `2^n`; `erfc` is
@@ -379,7 +379,7 @@ mod avx512 {
     pub(super) enum Start {
         /// Zero.
         Zero,
-        /// Rows of earlier sums at `from + r * ld` (a later pass over `k`; may be `c` itself).
+        /// Rows of earlier sums at `from + r * ld` (a later pass over `k`).
         Add(*const f32, usize),
         /// A bias row of 32 values (those under the mask are read), the same for every row.
         Bias(*const f32),
