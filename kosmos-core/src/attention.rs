@@ -15,8 +15,10 @@
 //!   never read (they are left-padding rows).
 //!
 //! The kernel choice applies to uncached calls and to the prefill of an empty cache. Once a
-//! [`KvCache`] holds tokens, a step attends over the cache's segments in place with
-//! [`segmented_attention`] (the explicit computation, split by segment), whatever the kernel.
+//! [`KvCache`] holds tokens, a step attends over the cache's segments in place: with `Fused`, on
+//! flex with AVX-512 and at most [`crate::fused::CACHED_MAX_QUERIES`] new tokens, through
+//! [`crate::fused::cached_attention`]; otherwise with [`segmented_attention`] (the explicit
+//! computation, split by segment).
 
 use burn::config::Config;
 use burn::module::Module;
@@ -210,7 +212,8 @@ impl<B: Backend> AttentionMask<B> {
 
     /// The combined boolean mask `[batch, 1, queries, keys]` (`true` = masked), or `None`.
     pub fn to_bool(&self, batch: usize, queries: usize, keys: usize, device: &B::Device) -> Option<Tensor<B, 4, Bool>> {
-        let causal = self.causal.then(|| {
+        // One query (a decode step) is the last position: the causal mask hides nothing.
+        let causal = (self.causal && queries > 1).then(|| {
             // key j is hidden from query i when j > (keys - queries) + i
             let offset = keys as i64 - queries as i64;
             let rows = Tensor::<B, 1, Int>::arange(0..queries as i64, device)
@@ -527,7 +530,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                     None => q,
                 };
                 let mask = mask.to_bool(b, t, s, &q.device());
-                let segments = cache
+                let segments: Vec<KvSegmentView<B>> = cache
                     .segments()
                     .into_iter()
                     .map(|seg| KvSegmentView {
@@ -538,7 +541,20 @@ impl<B: Backend> MultiHeadAttention<B> {
                         ..seg
                     })
                     .collect();
-                segmented_attention(q, segments, mask)
+                let fused = match self.implementation {
+                    AttentionImpl::Fused => {
+                        let pairs: Vec<_> = segments
+                            .iter()
+                            .map(|seg| (seg.keys.clone(), seg.values.clone()))
+                            .collect();
+                        crate::fused::cached_attention(&q, &pairs, mask.as_ref())
+                    }
+                    AttentionImpl::Explicit => None,
+                };
+                match fused {
+                    Some(context) => context,
+                    None => segmented_attention(q, segments, mask),
+                }
             }
             cache => {
                 if let Some(cache) = cache {

@@ -182,6 +182,7 @@ mod flex_f32 {
         #[cfg(target_arch = "x86_64")]
         if simd == Simd::Avx512 && n <= 8192 {
             let chunks = k.div_ceil(CHUNK);
+            // Zeroed here (pages fresh from the allocator); the kernel adds into its row.
             let mut partial = vec![0f32; chunks * n];
             partial.par_chunks_mut(n).enumerate().for_each(|(c, acc)| {
                 let rows = c * CHUNK..((c + 1) * CHUNK).min(k);
@@ -286,8 +287,8 @@ mod flex_f32 {
             }
         }
 
-        /// `acc = sum_i x[i] w[i]` over the rows of `w` (`x.len()` rows of `n` values, one
-        /// contiguous run), four rows per pass over `acc`.
+        /// `acc += sum_i x[i] w[i]` over the rows of `w` (`x.len()` rows of `n` values, one
+        /// contiguous run), four rows per pass over `acc` (the caller zeroes `acc` first).
         ///
         /// # Safety
         /// AVX-512 F must be available; `w` holds `x.len() * n` values, `acc` `n`.
@@ -296,7 +297,6 @@ mod flex_f32 {
             let k = x.len();
             assert!(w.len() >= k * n && acc.len() == n);
             let (wp, ap) = (w.as_ptr(), acc.as_mut_ptr());
-            acc.fill(0.0);
             let mask = |j: usize| -> __mmask16 {
                 let left = n - j;
                 if left >= 16 { 0xffff } else { (1u16 << left) - 1 }

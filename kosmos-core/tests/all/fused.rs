@@ -1,6 +1,7 @@
 //! The fused flex kernels (`kosmos_core::fused`) against the computations they replace:
 //! attention against the explicit path (`explicit_attention`) over masks, shapes, strided
-//! inputs and fully masked rows; the GELU kernels against f64 evaluations and Burn's operations;
+//! inputs and fully masked rows; attention over a KV cache's segments (`cached_attention`)
+//! against the segmented explicit path; the GELU kernels against f64 evaluations and Burn's operations;
 //! the many-row product (weights by rows, transposed or column views, with and without bias)
 //! against the backend's product on any thread count. On a
 //! processor without AVX-512 the kernels decline (`None`) and the tests check that instead.
@@ -111,6 +112,68 @@ fn fused_attention_gives_zero_rows_where_every_key_is_masked() {
     assert_close(ours.narrow(2, 1, 2), want, ATOL, RTOL, "attention, partly masked rows");
 }
 
+#[test]
+fn cached_attention_matches_the_segmented_explicit_path() {
+    use kosmos_core::attention::{KvSegmentView, segmented_attention};
+    let device = Default::default();
+    // (batch, heads, new queries, segment lengths, head dim): a decode step over a prompt segment
+    // and an open chunk, several queries, one key, head dims off multiples of 16.
+    let cases = [
+        (1, 4, 1, vec![97, 3], 64),
+        (2, 3, 1, vec![64, 64, 5], 40),
+        (2, 2, 3, vec![7], 20),
+        (1, 1, 1, vec![1], 8),
+        (3, 2, 4, vec![33, 16, 2], 16),
+    ];
+    for (b, h, t, lens, d) in cases {
+        let s: usize = lens.iter().sum();
+        let q = heads(b, t, h, d, 11);
+        let segments: Vec<KvSegmentView<TB>> = lens
+            .iter()
+            .scan(0, |start, &len| {
+                let seg = KvSegmentView {
+                    start: *start,
+                    keys: heads(b, len, h, d, 20 + *start as u64),
+                    values: heads(b, len, h, d, 40 + *start as u64),
+                };
+                *start += len;
+                Some(seg)
+            })
+            .collect();
+        let pairs: Vec<_> = segments.iter().map(|g| (g.keys.clone(), g.values.clone())).collect();
+        // Left padding of row `i`: its first `i` keys (at most s - 1).
+        let pads: Vec<i64> = (0..b * s).map(|x| i64::from(x % s >= (x / s).min(s - 1))).collect();
+        let attention_mask = Tensor::<TB, 2, burn::tensor::Int>::from_data(TensorData::new(pads, [b, s]), &device);
+        let masks: Vec<(&str, Option<Tensor<TB, 4, Bool>>)> = vec![
+            ("no mask", None),
+            ("causal", AttentionMask::<TB>::causal().to_bool(b, t, s, &device)),
+            (
+                "causal + padding",
+                AttentionMask::causal_with_attention_mask(attention_mask).to_bool(b, t, s, &device),
+            ),
+        ];
+        for (name, mask) in masks {
+            let what = format!("cached attention b={b} h={h} t={t} segments={lens:?} d={d}, {name}");
+            let ours = fused::cached_attention(&q, &pairs, mask.as_ref());
+            if !has_kernels() {
+                assert!(ours.is_none(), "{what}: the kernel must decline without AVX-512");
+                continue;
+            }
+            let ours = ours.unwrap_or_else(|| panic!("{what}: the kernel declined"));
+            assert_eq!(ours.dims(), [b, h, t, d], "{what}");
+            let want = segmented_attention(q.clone(), segments.clone(), mask);
+            assert_close(ours, want, ATOL, RTOL, &what);
+        }
+    }
+    // More queries than the kernel takes, or mismatched segments: declined.
+    let q = heads(1, fused::CACHED_MAX_QUERIES + 1, 2, 8, 1);
+    let kv = (heads(1, 4, 2, 8, 2), heads(1, 4, 2, 8, 3));
+    assert!(fused::cached_attention(&q, std::slice::from_ref(&kv), None).is_none());
+    let q = heads(1, 1, 2, 8, 1);
+    let wrong = (heads(1, 4, 2, 16, 2), heads(1, 4, 2, 16, 3));
+    assert!(fused::cached_attention(&q, &[wrong], None).is_none());
+}
+
 /// `x Φ(x)` and `x σ(1.702 x)` in f64.
 fn reference(x: f32, quick: bool) -> f64 {
     let x = x as f64;
@@ -179,10 +242,13 @@ fn many_row_products_match_the_backend_on_any_thread_count() {
     let device = Default::default();
     // (rows, k, n): a prompt's head or layer (97 rows, several passes of 256, strips of 32 plus a
     // tail), the vision tower's 257 rows, panel edges (13, 14, 15 rows), k below one transpose
-    // block, one output column.
+    // block, one output column; narrow weights whose rows split into groups of panels over one
+    // pass or several (the weight packed once for every group: 257 x 600 x 70, 100 x 520 x 200).
     let shapes = [
         (97, 600, 1031),
         (257, 64, 96),
+        (257, 600, 70),
+        (100, 520, 200),
         (13, 17, 64),
         (14, 256, 33),
         (15, 513, 1),
