@@ -723,6 +723,25 @@ mod flex_attention {
         }
     }
 
+    /// The mask (broadcastable to `[b, 1, t, s]`) as contiguous bytes with the strides of its
+    /// batch and query dims (0 where broadcast); `Some(None)` without a mask, `None` when its
+    /// shape does not fit or it is not flex's.
+    fn mask_bytes<B: Backend>(
+        mask: Option<&Tensor<B, 4, Bool>>,
+        b: usize,
+        t: usize,
+        s: usize,
+    ) -> Option<Option<(FlexTensor, [usize; 2])>> {
+        let Some(m) = mask else { return Some(None) };
+        let [mb, mh, mt, ms] = m.dims();
+        if (mb != b && mb != 1) || mh != 1 || (mt != t && mt != 1) || ms != s {
+            return None;
+        }
+        let m = flex(&m.clone().into_primitive())?.to_contiguous();
+        let strides = [if mb == 1 { 0 } else { mt * ms }, if mt == 1 { 0 } else { ms }];
+        Some(Some((m, strides)))
+    }
+
     pub(super) fn run<B: Backend>(
         q: &Tensor<B, 4>,
         k: &Tensor<B, 4>,
@@ -735,19 +754,7 @@ mod flex_attention {
             return None;
         }
         let (qv, kv, vv) = (View::of(q)?, View::of(k)?, View::of(v)?);
-        // The mask as bytes [b, t, s] with strides (broadcast dims at stride 0).
-        let mask = match mask {
-            Some(m) => {
-                let [mb, mh, mt, ms] = m.dims();
-                if (mb != b && mb != 1) || mh != 1 || (mt != t && mt != 1) || ms != s {
-                    return None;
-                }
-                let m = flex(&m.clone().into_primitive())?.to_contiguous();
-                let strides = [if mb == 1 { 0 } else { mt * ms }, if mt == 1 { 0 } else { ms }];
-                Some((m, strides))
-            }
-            None => None,
-        };
+        let mask = mask_bytes(mask, b, t, s)?;
         let mask_bytes: Option<(&[u8], [usize; 2])> = mask.as_ref().map(|(m, st)| (m.bytes(), *st));
 
         let s_pad = s.div_ceil(NR) * NR;
@@ -881,18 +888,7 @@ mod flex_attention {
         if s == 0 {
             return None;
         }
-        let mask = match mask {
-            Some(m) => {
-                let [mb, mh, mt, ms] = m.dims();
-                if (mb != b && mb != 1) || mh != 1 || (mt != t && mt != 1) || ms != s {
-                    return None;
-                }
-                let m = flex(&m.clone().into_primitive())?.to_contiguous();
-                let strides = [if mb == 1 { 0 } else { mt * ms }, if mt == 1 { 0 } else { ms }];
-                Some((m, strides))
-            }
-            None => None,
-        };
+        let mask = mask_bytes(mask, b, t, s)?;
         let mask_bytes: Option<(&[u8], [usize; 2])> = mask.as_ref().map(|(m, st)| (m.bytes(), *st));
         let scale = 1.0 / (d as f32).sqrt();
         let s_pad = s.div_ceil(16) * 16;

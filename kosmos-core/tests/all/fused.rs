@@ -26,9 +26,24 @@ fn heads(b: usize, t: usize, h: usize, d: usize, seed: u64) -> Tensor<TB, 4> {
     Tensor::<TB, 4>::random([b, t, h, d], Distribution::Normal(0.0, 1.0), &device).swap_dims(1, 2)
 }
 
+/// The masks the attention kernels are checked under, `[b, 1, t, s]`: none, causal, and causal
+/// plus left padding (the first `i` keys of row `i`, at most `s - 1`).
+fn masks(b: usize, t: usize, s: usize) -> Vec<(&'static str, Option<Tensor<TB, 4, Bool>>)> {
+    let device = Default::default();
+    let pads: Vec<i64> = (0..b * s).map(|x| i64::from(x % s >= (x / s).min(s - 1))).collect();
+    let attention_mask = Tensor::<TB, 2, burn::tensor::Int>::from_data(TensorData::new(pads, [b, s]), &device);
+    vec![
+        ("no mask", None),
+        ("causal", AttentionMask::<TB>::causal().to_bool(b, t, s, &device)),
+        (
+            "causal + padding",
+            AttentionMask::causal_with_attention_mask(attention_mask).to_bool(b, t, s, &device),
+        ),
+    ]
+}
+
 #[test]
 fn fused_attention_matches_the_explicit_path() {
-    let device = Default::default();
     // (batch, heads, queries, keys, head dim): a decoder prompt, the vision tower's 257 tokens,
     // cross-attention of fewer queries than keys, tiny and non-multiple-of-32 sizes.
     let shapes = [
@@ -43,23 +58,7 @@ fn fused_attention_matches_the_explicit_path() {
         let q = heads(b, t, h, d, 1);
         let k = heads(b, s, h, d, 2);
         let v = heads(b, s, h, d, 3);
-        // Padding: the first `i` keys of row `i` are padding (left padding), at most s - 1.
-        let pads: Vec<i64> = (0..b * s)
-            .map(|x| {
-                let (row, j) = (x / s, x % s);
-                i64::from(j >= row.min(s - 1))
-            })
-            .collect();
-        let attention_mask = Tensor::<TB, 2, burn::tensor::Int>::from_data(TensorData::new(pads, [b, s]), &device);
-        let masks: Vec<(&str, Option<Tensor<TB, 4, Bool>>)> = vec![
-            ("no mask", None),
-            ("causal", AttentionMask::<TB>::causal().to_bool(b, t, s, &device)),
-            (
-                "causal + padding",
-                AttentionMask::causal_with_attention_mask(attention_mask).to_bool(b, t, s, &device),
-            ),
-        ];
-        for (what, mask) in masks {
+        for (what, mask) in masks(b, t, s) {
             let what = format!("attention {b}x{h}x{t}x{s}x{d}, {what}");
             let ours = fused::attention(&q, &k, &v, mask.as_ref());
             if !has_kernels() {
@@ -115,7 +114,6 @@ fn fused_attention_gives_zero_rows_where_every_key_is_masked() {
 #[test]
 fn cached_attention_matches_the_segmented_explicit_path() {
     use kosmos_core::attention::{KvSegmentView, segmented_attention};
-    let device = Default::default();
     // (batch, heads, new queries, segment lengths, head dim): a decode step over a prompt segment
     // and an open chunk, several queries, one key, head dims off multiples of 16.
     let cases = [
@@ -141,18 +139,7 @@ fn cached_attention_matches_the_segmented_explicit_path() {
             })
             .collect();
         let pairs: Vec<_> = segments.iter().map(|g| (g.keys.clone(), g.values.clone())).collect();
-        // Left padding of row `i`: its first `i` keys (at most s - 1).
-        let pads: Vec<i64> = (0..b * s).map(|x| i64::from(x % s >= (x / s).min(s - 1))).collect();
-        let attention_mask = Tensor::<TB, 2, burn::tensor::Int>::from_data(TensorData::new(pads, [b, s]), &device);
-        let masks: Vec<(&str, Option<Tensor<TB, 4, Bool>>)> = vec![
-            ("no mask", None),
-            ("causal", AttentionMask::<TB>::causal().to_bool(b, t, s, &device)),
-            (
-                "causal + padding",
-                AttentionMask::causal_with_attention_mask(attention_mask).to_bool(b, t, s, &device),
-            ),
-        ];
-        for (name, mask) in masks {
+        for (name, mask) in masks(b, t, s) {
             let what = format!("cached attention b={b} h={h} t={t} segments={lens:?} d={d}, {name}");
             let ours = fused::cached_attention(&q, &pairs, mask.as_ref());
             if !has_kernels() {
