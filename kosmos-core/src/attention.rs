@@ -542,13 +542,7 @@ impl<B: Backend> MultiHeadAttention<B> {
                     })
                     .collect();
                 let fused = match self.implementation {
-                    AttentionImpl::Fused => {
-                        let pairs: Vec<_> = segments
-                            .iter()
-                            .map(|seg| (seg.keys.clone(), seg.values.clone()))
-                            .collect();
-                        crate::fused::cached_attention(&q, &pairs, mask.as_ref())
-                    }
+                    AttentionImpl::Fused => crate::fused::cached_attention(&q, &segments, mask.as_ref()),
                     AttentionImpl::Explicit => None,
                 };
                 match fused {

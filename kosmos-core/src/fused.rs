@@ -74,7 +74,7 @@ pub fn attention<B: Backend>(
 pub const CACHED_MAX_QUERIES: usize = 4;
 
 /// Attention of a few new queries over a KV cache held in segments: `q: [b, h, t, d]` with
-/// `t <= CACHED_MAX_QUERIES`, `segments` the `(keys, values)` of each segment in sequence order,
+/// `t <= CACHED_MAX_QUERIES`, `segments` the cache's segments in sequence order, keys and values
 /// each `[b, h, len_i, d]` (any strides with `d` contiguous: the cache's token-major buffers are
 /// read in place, no concatenation), `mask` broadcastable to `[b, 1, t, sum len_i]` (`true` =
 /// masked). Returns `[b, h, t, d]`; `None` when the kernel does not apply.
@@ -85,7 +85,7 @@ pub const CACHED_MAX_QUERIES: usize = 4;
 /// crate for `[1, d] x [d, len]` shapes) took 2-3 % of a full-size decode step.
 pub fn cached_attention<B: Backend>(
     q: &Tensor<B, 4>,
-    segments: &[(Tensor<B, 4>, Tensor<B, 4>)],
+    segments: &[crate::attention::KvSegmentView<B>],
     mask: Option<&Tensor<B, 4, Bool>>,
 ) -> Option<Tensor<B, 4>> {
     #[cfg(all(feature = "flex", target_arch = "x86_64"))]
@@ -868,7 +868,7 @@ mod flex_attention {
     /// [`super::cached_attention`] on flex tensors.
     pub(super) fn cached<B: Backend>(
         q: &Tensor<B, 4>,
-        segments: &[(Tensor<B, 4>, Tensor<B, 4>)],
+        segments: &[crate::attention::KvSegmentView<B>],
         mask: Option<&Tensor<B, 4, Bool>>,
     ) -> Option<Tensor<B, 4>> {
         let [b, h, t, d] = q.dims();
@@ -877,12 +877,12 @@ mod flex_attention {
         }
         let qv = View::of(q)?;
         let mut views = Vec::with_capacity(segments.len());
-        for (k, v) in segments {
-            let [kb, kh, len, kd] = k.dims();
-            if [kb, kh, kd] != [b, h, d] || v.dims() != [b, h, len, d] {
+        for seg in segments {
+            let [kb, kh, len, kd] = seg.keys.dims();
+            if [kb, kh, kd] != [b, h, d] || seg.values.dims() != [b, h, len, d] {
                 return None;
             }
-            views.push((View::of(k)?, View::of(v)?, len));
+            views.push((View::of(&seg.keys)?, View::of(&seg.values)?, len));
         }
         let s: usize = views.iter().map(|(_, _, len)| len).sum();
         if s == 0 {

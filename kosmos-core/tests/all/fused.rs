@@ -138,10 +138,9 @@ fn cached_attention_matches_the_segmented_explicit_path() {
                 Some(seg)
             })
             .collect();
-        let pairs: Vec<_> = segments.iter().map(|g| (g.keys.clone(), g.values.clone())).collect();
         for (name, mask) in masks(b, t, s) {
             let what = format!("cached attention b={b} h={h} t={t} segments={lens:?} d={d}, {name}");
-            let ours = fused::cached_attention(&q, &pairs, mask.as_ref());
+            let ours = fused::cached_attention(&q, &segments, mask.as_ref());
             if !has_kernels() {
                 assert!(ours.is_none(), "{what}: the kernel must decline without AVX-512");
                 continue;
@@ -153,12 +152,15 @@ fn cached_attention_matches_the_segmented_explicit_path() {
         }
     }
     // More queries than the kernel takes, or mismatched segments: declined.
+    let segment = |d: usize| KvSegmentView {
+        start: 0,
+        keys: heads(1, 4, 2, d, 2),
+        values: heads(1, 4, 2, d, 3),
+    };
     let q = heads(1, fused::CACHED_MAX_QUERIES + 1, 2, 8, 1);
-    let kv = (heads(1, 4, 2, 8, 2), heads(1, 4, 2, 8, 3));
-    assert!(fused::cached_attention(&q, std::slice::from_ref(&kv), None).is_none());
+    assert!(fused::cached_attention(&q, &[segment(8)], None).is_none());
     let q = heads(1, 1, 2, 8, 1);
-    let wrong = (heads(1, 4, 2, 16, 2), heads(1, 4, 2, 16, 3));
-    assert!(fused::cached_attention(&q, &[wrong], None).is_none());
+    assert!(fused::cached_attention(&q, &[segment(16)], None).is_none());
 }
 
 /// `x Φ(x)` and `x σ(1.702 x)` in f64.
