@@ -1,5 +1,6 @@
 //! `kosmos-compare` on the tiny generation fixture model: its JSON, the `--serve` protocol and
-//! one-line errors (the Python driver, `scripts/bench/compare.py`, is not run here).
+//! one-line errors (the Python driver, `scripts/bench/compare.py`, is not run here); and
+//! `kosmos-bandwidth`, the memory read rate that driver prints beside its table.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -138,4 +139,42 @@ fn bad_inputs_fail_with_one_line() {
     let err = String::from_utf8(out.stderr).unwrap();
     assert!(!out.status.success() && err.starts_with("error: cannot read"), "{err}");
     std::fs::remove_file(inputs).ok();
+}
+
+/// `kosmos-bandwidth` reads every value of its buffer on each pass (the buffer holds ones, so the
+/// pass's sum is its length, exactly), on one thread and on several, and reports rates.
+#[test]
+fn bandwidth_reads_the_whole_buffer() {
+    for threads in ["1", "3"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kosmos-bandwidth"))
+            .args(["--gib", "0.01", "--threads", threads, "--repeats", "2"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let bytes = report["bytes"].as_u64().unwrap();
+        assert_eq!(bytes, (0.01 * (1u64 << 30) as f64 / 4.0) as u64 * 4);
+        assert_eq!(report["checksum"].as_f64().unwrap(), (bytes / 4) as f64);
+        let rates = report["rates_gb_s"].as_array().unwrap();
+        assert_eq!(rates.len(), 2);
+        let best = report["best_gb_s"].as_f64().unwrap();
+        assert!(
+            rates
+                .iter()
+                .all(|r| r.as_f64().unwrap() > 0.0 && r.as_f64().unwrap() <= best)
+        );
+    }
+}
+
+#[test]
+fn bandwidth_rejects_bad_arguments_with_one_line() {
+    for args in [["--gib", "0"], ["--threads", "0"]] {
+        let out = Command::new(env!("CARGO_BIN_EXE_kosmos-bandwidth"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.starts_with("error: ") && err.lines().count() == 1, "{err}");
+    }
 }

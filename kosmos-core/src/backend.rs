@@ -225,15 +225,45 @@ pub use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
 ///
 /// On a CPU backend (flex, ndarray) it first sets the threads of one-row products to the
 /// machine's cores ([`crate::gemv::set_threads_for_cpu`]: decode steps stream their weights on
-/// every core).
-pub fn run_task<T: BackendTask>(device: &str, task: T) -> Result<T::Output, BackendError> {
+/// every core), then runs the task on a worker thread of rayon's global pool ([`on_cpu_pool`])
+/// rather than on the calling thread.
+pub fn run_task<T>(device: &str, task: T) -> Result<T::Output, BackendError>
+where
+    T: BackendTask + Send,
+    T::Output: Send,
+{
     let spec: DeviceSpec = device.parse()?;
     if matches!(spec.kind, BackendKind::Flex | BackendKind::Ndarray) {
         crate::gemv::set_threads_for_cpu();
+        return on_cpu_pool(move || dispatch!(spec, Plain, |B, device| task.run::<B>(device)));
     }
     #[allow(unused_variables)]
     let task = task;
     dispatch!(spec, Plain, |B, device| task.run::<B>(device))
+}
+
+/// Stack of rayon's worker threads when this module builds the global pool: the main thread's
+/// usual 8 MiB (a worker's default is 2 MiB), since [`run_task`] runs whole tasks there.
+pub const CPU_POOL_STACK: usize = 8 << 20;
+
+/// Run `op` on a worker thread of rayon's global pool and wait for it.
+///
+/// Every parallel operation of the CPU backends (and of this crate's kernels) is a rayon job.
+/// Started from a thread outside the pool, each one is injected into the pool while the caller
+/// sleeps on a lock until it is done: two or three futex wake-ups per operation, hundreds per
+/// decode step. Started from a worker, the job is split on that worker's own queue and the other
+/// workers steal from it, with the caller working too. On the full-size KOSMOS-2 decode step (2
+/// threads, alternating runs) that was 3 % of the time (see the book's benchmark chapter).
+///
+/// The global pool is built here first, with [`CPU_POOL_STACK`] per thread and the thread count
+/// rayon would choose (`RAYON_NUM_THREADS` or the machine's cores), unless something already
+/// built it. Called from a worker, `op` runs in place. A panic in `op` resumes on the caller.
+pub fn on_cpu_pool<R: Send>(op: impl FnOnce() -> R + Send) -> R {
+    // An error only means the pool exists already (its stack size is then rayon's default).
+    let _ = rayon::ThreadPoolBuilder::new()
+        .stack_size(CPU_POOL_STACK)
+        .build_global();
+    rayon::scope(|_| op())
 }
 
 /// Run `task` on the autodiff version of the backend named by `device`.

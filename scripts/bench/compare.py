@@ -3,7 +3,7 @@
 
 Run from the repository root, after building the Rust half:
 
-    cargo build --release -p kosmos-benches --bin kosmos-compare
+    cargo build --release -p kosmos-benches --bins
     .venv-ref/bin/python scripts/bench/compare.py [--config medium|full] [--repeats 5] [--devices flex,ndarray]
 
 What it does:
@@ -31,7 +31,14 @@ What it does:
    With `--weights f32,bf16,q8` each of our processes also times models whose decoder projections and head have
    reduced-precision copies for decode steps (`Kosmos2::pack_weights`; they share the f32 weights), and reports each
    mode's accuracy against our f32 (teacher-forced logits over the greedy steps, argmax agreement, own greedy tokens).
-4. Checks that every f32 implementation and repeat produced the same greedy tokens (f32 parity), prints a markdown
+   With `--torch-dtypes float32,bfloat16` a second copy of the reference model in bfloat16 is timed too (its columns
+   end in "bf16"; its last-position logits and greedy tokens are reported against float32 eager, not required to
+   match): on a GPU, the reduced-precision mode users run there.
+4. Measures the machine's memory read rate with `kosmos-bandwidth` (2 GiB summed by `--threads` threads, best of 5)
+   before loading the models and after the timings, and prints it with the floor it puts under a decode step
+   (the decoder's projections and the head read once per token, in f32, bf16 and Q8): the VM's read rate drifts by
+   a factor of up to 2 over hours, so a table is only comparable with the rate it was measured at.
+5. Checks that every f32 implementation and repeat produced the same greedy tokens (f32 parity), prints a markdown
    table of medians with the ratio reference / ours (> 1: ours is faster), the date, CPU model, thread count and
    versions (also the minimum of each column: under load some repeats are much slower), and writes every timing,
    with the 1-minute load average at each repeat, to `target/bench-compare/<config>/results.json`. Exits 1 when
@@ -99,6 +106,8 @@ def parse_args():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--torch-device", default="cpu", help="where transformers runs: cpu or cuda (then compare "
                    "with `--devices cuda`; timings synchronise the GPU)")
+    p.add_argument("--torch-dtypes", default="float32", help="transformers' weight types, comma-separated: "
+                   "float32, bfloat16 (bfloat16: a second copy of the model, reported against float32)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--attention", choices=["fused", "explicit"], default="fused", help="our attention kernel")
     p.add_argument("--breakdown", action="store_true", help="also time decoder and head apart")
@@ -110,6 +119,9 @@ def parse_args():
     a = p.parse_args()
     if a.repeats < 1 or a.new_tokens < 2:
         p.error("--repeats must be >= 1 and --new-tokens >= 2")
+    a.torch_dtypes = [d.strip() for d in a.torch_dtypes.split(",") if d.strip()]
+    if "float32" not in a.torch_dtypes or any(d not in TORCH_DTYPES for d in a.torch_dtypes):
+        p.error(f"--torch-dtypes takes float32 and optionally bfloat16, got {a.torch_dtypes}")
     if a.torch_device != "cpu" and a.breakdown:
         p.error("--breakdown times transformers on the CPU only")
     return a
@@ -186,11 +198,16 @@ class Stamp(LogitsProcessor):
         return scores
 
 
+# transformers' weight types (`--torch-dtypes`) and the suffix of their columns.
+TORCH_DTYPES = {"float32": (torch.float32, ""), "bfloat16": (torch.bfloat16, " bf16")}
+
+
 class Reference:
-    def __init__(self, model_dir, inputs, new_tokens, breakdown, device="cpu"):
+    def __init__(self, model_dir, inputs, new_tokens, breakdown, device="cpu", dtype="float32"):
         self.model = Kosmos2ForConditionalGeneration.from_pretrained(model_dir, attn_implementation="eager")
-        self.model = self.model.to(device).eval()
-        self.inputs = {k: v.to(device) for k, v in inputs.items()}
+        self.model = self.model.to(device=device, dtype=TORCH_DTYPES[dtype][0]).eval()
+        self.inputs = {k: v.to(device=device, dtype=TORCH_DTYPES[dtype][0]) if v.is_floating_point() else v.to(device)
+                       for k, v in inputs.items()}
         self.new_tokens = new_tokens
         self.breakdown = breakdown
 
@@ -321,13 +338,58 @@ def medians(runs, key, stat=statistics.median):
 def table(results, names, rows, stat=statistics.median):
     refs = [n for n in names if n.startswith("transformers")]
     ours = [n for n in names if not n.startswith("transformers")]
-    head = names + [f"{r.split()[-1]} / {o.split()[-1]}" for o in ours for r in refs]
+    short = lambda n: n.removeprefix("transformers ").removeprefix("ours ")  # noqa: E731
+    head = names + [f"{short(r)} / {short(o)}" for o in ours for r in refs]
     lines = ["| | " + " | ".join(head) + " |", "| --- |" + " --- |" * len(head)]
     for key, label in rows:
         med = {n: medians(results[n], key, stat) for n in names}
         cells = [fmt(med[n]) if med[n] is not None else "-" for n in names]
         cells += [f"{med[r] / med[o]:.2f}x" if med[r] and med[o] else "-" for o in ours for r in refs]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def read_rate(binary, threads):
+    """The machine's memory read rate in GB/s (best of 5 passes over 2 GiB), or None without the binary."""
+    if not os.access(binary, os.X_OK):
+        print(f"note: `{binary}` not found, no read rate measured (cargo build --release -p kosmos-benches --bins)",
+              file=sys.stderr)
+        return None
+    out = subprocess.run([binary, "--threads", str(threads)], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f"note: kosmos-bandwidth failed: {out.stderr.strip()}", file=sys.stderr)
+        return None
+    return json.loads(out.stdout)["best_gb_s"]
+
+
+# Bytes per weight read by a decode step in each mode (Q8: one byte plus an f32 scale per 32 weights).
+BYTES_PER_WEIGHT = {"f32": 4.0, "bf16": 2.0, "q8": 1.125}
+
+
+def decode_weights(config):
+    """Weights a decode step reads once: every decoder layer's four attention projections and two FFN matrices,
+    and the head (tied to the token embeddings); biases and norms are left out (below 0.1 %)."""
+    t = model_config(config).text_config
+    return t.layers * (4 * t.embed_dim ** 2 + 2 * t.embed_dim * t.ffn_dim) + t.vocab_size * t.embed_dim
+
+
+def roofline(config, before, after, results, names):
+    """Lines stating the read rate and the decode floor it implies, against each implementation's median."""
+    if before is None and after is None:
+        return "\n(memory read rate not measured)"
+    rates = [r for r in (before, after) if r is not None]
+    rate = max(rates)
+    weights = decode_weights(config)
+    lines = [f"\nMemory read rate (kosmos-bandwidth, best of 5 passes over 2 GiB): "
+             f"{'n/a' if before is None else f'{before:.1f}'} GB/s before, "
+             f"{'n/a' if after is None else f'{after:.1f}'} GB/s after. A decode step reads {weights / 1e6:.0f} M "
+             f"weights once; at {rate:.1f} GB/s no implementation decodes a token faster than:\n",
+             "| decode floor | per token | median measured | share of the floor |", "| --- | --- | --- | --- |"]
+    for n in names:
+        mode = n.split()[-1] if n.split()[-1] in BYTES_PER_WEIGHT else "f32"
+        floor = weights * BYTES_PER_WEIGHT[mode] / (rate * 1e9)
+        measured = statistics.median(r["decode_per_token_s"] for r in results[n])
+        lines.append(f"| {n} | {fmt(floor)} | {fmt(measured)} | {100 * floor / measured:.0f} % |")
     return "\n".join(lines)
 
 
@@ -356,41 +418,48 @@ def main():
     target = os.environ.get("CARGO_TARGET_DIR", os.path.join(REPO_ROOT, "target"))
     binary = args.binary or os.path.join(target, "release", "kosmos-compare")
     if not os.access(binary, os.X_OK):
-        fail(f"`{binary}` not found: build it with `cargo build --release -p kosmos-benches --bin kosmos-compare`")
+        fail(f"`{binary}` not found: build it with `cargo build --release -p kosmos-benches --bins`")
+    bandwidth_binary = os.path.join(os.path.dirname(binary), "kosmos-bandwidth")
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
     model_dir, inputs_path = prepare(args)
+    rate_before = read_rate(bandwidth_binary, args.threads)
     from safetensors.torch import load_file
     inputs = load_file(inputs_path)
-    ref = Reference(model_dir, inputs, args.new_tokens, args.breakdown, args.torch_device)
+    refs = {dtype: Reference(model_dir, inputs, args.new_tokens, args.breakdown, args.torch_device, dtype)
+            for dtype in args.torch_dtypes}
+    ref_names = {(attn, dtype): f"transformers {attn}{TORCH_DTYPES[dtype][1]}" for dtype in args.torch_dtypes
+                 for attn in ("eager", "sdpa")}
     ours = {}
     for d in devices:
         print(f"loading ours on {d} ...", file=sys.stderr)
         ours[d] = Ours(binary, d, model_dir, inputs_path, args)
-    for attn in ("eager", "sdpa"):
-        ref.repeat(attn)  # warm-up
+    for (attn, dtype) in ref_names:
+        refs[dtype].repeat(attn)  # warm-up
 
     load_before = os.getloadavg()[0]
     modes = [m.strip() for m in args.weights.split(",") if m.strip()]
     ours_names = {(d, m): f"ours {d}" if m == "f32" else f"ours {d} {m}" for d in devices for m in modes}
-    names = ["transformers eager", "transformers sdpa"] + list(ours_names.values())
+    names = list(ref_names.values()) + list(ours_names.values())
     results = {n: [] for n in names}
     for r in range(args.repeats):
         print(f"repeat {r + 1}/{args.repeats}", file=sys.stderr)
         load = os.getloadavg()[0]
-        results["transformers eager"].append(ref.repeat("eager"))
-        results["transformers sdpa"].append(ref.repeat("sdpa"))
+        for (attn, dtype), n in ref_names.items():
+            results[n].append(refs[dtype].repeat(attn))
         for (d, m), n in ours_names.items():
             results[n].append(ours[d].repeat(m))
         for n in names:
             results[n][-1]["load_average"] = load
     for o in ours.values():
         o.close()
+    rate_after = read_rate(bandwidth_binary, args.threads)
 
     # f32 parity: only the f32 implementations must give transformers' tokens and logits; the packed
     # modes (bf16, q8) are reported against f32 below.
     packed = {n for (d, m), n in ours_names.items() if m != "f32"}
+    packed |= {n for (attn, dtype), n in ref_names.items() if dtype != "float32"}
     exact = [n for n in names if n not in packed]
     reference_tokens = results["transformers eager"][0]["tokens"]
     mismatches = [(n, i) for n in exact for i, r in enumerate(results[n]) if r["tokens"] != reference_tokens]
@@ -412,6 +481,7 @@ def main():
     print(f"- batch 1, 97-token prompt (64 image slots + 33 text tokens), {args.new_tokens} greedy tokens, f32; "
           f"medians of {args.repeats} alternating repeats; ratio > 1: ours is faster\n")
     print(table(results, names, ROWS))
+    print(roofline(args.config, rate_before, rate_after, results, names))
     print(f"\nBest of {args.repeats} (minimum; other processes on the machine slow some repeats, PyTorch's OpenMP "
           f"threads most):\n")
     print(table(results, names, ROWS, min))
@@ -438,10 +508,19 @@ def main():
                   f"{acc['relative_rms_logit_diff']:.2e}), argmax agrees at {acc['forced_argmax_agree']}/{acc['steps']} "
                   f"steps; free-running greedy tokens: {acc['greedy_same_prefix']} identical before the first "
                   f"difference, {same}/{len(tokens)} equal to transformers' f32 tokens")
+    for (attn, dtype), n in ref_names.items():
+        if dtype == "float32":
+            continue
+        tokens = results[n][0]["tokens"]
+        same = sum(a == b for a, b in zip(tokens, reference_tokens))
+        diff = max(abs(a - b) for r in results[n] for a, b in zip(r["last_logits_head"], reference_logits))
+        print(f"{n} against transformers eager (float32): last-position logits (first {LOGITS_CHECKED}) max |diff| "
+              f"{diff:.3g}; greedy tokens {same}/{len(tokens)} equal")
 
     out_path = os.path.join(args.out, args.config, "results.json")
     with open(out_path, "w") as f:
-        json.dump(dict(date=now, cpu=cpu_model(), load=[load_before, load_after], threads=args.threads, versions=versions, commit=git_commit(),
+        json.dump(dict(date=now, cpu=cpu_model(), load=[load_before, load_after],
+                       read_rate_gb_s=[rate_before, rate_after], threads=args.threads, versions=versions, commit=git_commit(),
                        args=vars(args), ours=[o.header for o in ours.values()], results=results), f, indent=1)
     print(f"\n(all timings: {os.path.relpath(out_path, REPO_ROOT)})")
     sys.exit(1 if mismatches else 0)

@@ -62,6 +62,38 @@ fn generic_task_runs_on_the_named_backend() {
     assert_eq!(run_task("ndarray", Sum).unwrap(), 6.5);
 }
 
+/// CPU tasks run on a worker of rayon's global pool (their parallel operations start there), a
+/// nested `on_cpu_pool` runs in place on the same worker, and a panic reaches the caller.
+#[test]
+fn cpu_tasks_run_on_a_pool_worker() {
+    use burn::prelude::*;
+    use kosmos_core::backend::{BackendTask, on_cpu_pool, run_task};
+    struct Where;
+    impl BackendTask for Where {
+        type Output = (Option<usize>, Option<usize>, f32);
+        fn run<B: Backend>(self, device: B::Device) -> Self::Output {
+            let outer = rayon::current_thread_index();
+            let inner = on_cpu_pool(rayon::current_thread_index);
+            let x = Tensor::<B, 2>::ones([64, 64], &device);
+            let total = x.clone().matmul(x).sum().into_scalar().elem();
+            (outer, inner, total)
+        }
+    }
+    let mut devices = vec!["flex"];
+    if cfg!(feature = "ndarray") {
+        devices.push("ndarray");
+    }
+    for device in devices {
+        let (outer, inner, total) = run_task(device, Where).unwrap();
+        assert!(outer.is_some(), "{device}: the task ran outside rayon's pool");
+        assert_eq!(inner, outer, "{device}: a nested on_cpu_pool moved to another thread");
+        assert_eq!(total, 64.0 * 64.0 * 64.0);
+    }
+    assert_eq!(rayon::current_thread_index(), None);
+    let caught = std::panic::catch_unwind(|| on_cpu_pool(|| panic!("inside the pool")));
+    assert!(caught.is_err());
+}
+
 /// Strided (sliced) inputs give the same results as contiguous copies on wgpu, op by op.
 #[cfg(feature = "wgpu")]
 #[test]
