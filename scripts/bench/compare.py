@@ -350,7 +350,10 @@ def table(results, names, rows, stat=statistics.median):
 
 
 def read_rate(binary, threads):
-    """The machine's memory read rate in GB/s (best of 5 passes over 2 GiB), or None without the binary."""
+    """The machine's memory read rate in GB/s (best of 5 passes over 2 GiB), or None without the binary (or with
+    `binary` None)."""
+    if binary is None:
+        return None
     if not os.access(binary, os.X_OK):
         print(f"note: `{binary}` not found, no read rate measured (cargo build --release -p kosmos-benches --bins)",
               file=sys.stderr)
@@ -376,7 +379,7 @@ def decode_weights(config):
 def roofline(config, before, after, results, names):
     """Lines stating the read rate and the decode floor it implies, against each implementation's median."""
     if before is None and after is None:
-        return "\n(memory read rate not measured)"
+        return "\n(memory read rate not measured: no kosmos-bandwidth binary, or a GPU run)"
     rates = [r for r in (before, after) if r is not None]
     rate = max(rates)
     weights = decode_weights(config)
@@ -419,7 +422,8 @@ def main():
     binary = args.binary or os.path.join(target, "release", "kosmos-compare")
     if not os.access(binary, os.X_OK):
         fail(f"`{binary}` not found: build it with `cargo build --release -p kosmos-benches --bins`")
-    bandwidth_binary = os.path.join(os.path.dirname(binary), "kosmos-bandwidth")
+    # The host's read rate bounds a CPU decode step only; on a GPU it is not measured.
+    bandwidth_binary = os.path.join(os.path.dirname(binary), "kosmos-bandwidth") if args.torch_device == "cpu" else None
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
 
