@@ -45,13 +45,11 @@ fn cases() -> Vec<Case> {
     let mut cases = vec![
         Case {
             name: "tiny",
-            config: config(
-                r#"{"latent_query_num": 8,
-                "text_config": {"embed_dim": 64, "layers": 2, "attention_heads": 4, "ffn_dim": 64,
-                                "vocab_size": 1435, "max_position_embeddings": 128},
-                "vision_config": {"hidden_size": 24, "num_hidden_layers": 2, "num_attention_heads": 2,
-                                  "intermediate_size": 48, "image_size": 28, "patch_size": 14}}"#,
-            ),
+            // The generation fixture's configuration, read from the fixture itself.
+            config: Kosmos2Config::from_json_file(
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/generate/model/config.json"),
+            )
+            .expect("the generation fixture's config.json"),
             train: true,
         },
         Case {
