@@ -102,6 +102,8 @@ fn pixels<B: Backend>(config: &Kosmos2Config, rows: usize, device: &B::Device) -
 fn inference<B: Backend>(c: &mut Criterion, backend: &str, case: &Case) {
     let device = B::Device::default();
     let model = Kosmos2::<B>::new(&case.config, &device);
+    // As `Kosmos2::from_pretrained` leaves loaded weights: on 2 MiB pages where the CPU holds them.
+    kosmos_core::memory::use_huge_pages(&model);
     let (ids, mask) = prompt(&case.config);
     let (input_ids, image_mask) = (ints::<B>(&ids, &device), ints::<B>(&mask, &device));
     let image = pixels::<B>(&case.config, 1, &device);

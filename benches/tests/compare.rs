@@ -166,6 +166,26 @@ fn bandwidth_reads_the_whole_buffer() {
     }
 }
 
+/// `--huge-pages` reads the same buffer on 2 MiB pages (or, where the kernel cannot make them,
+/// says so in one line instead of measuring 4 KiB pages under that name).
+#[test]
+fn bandwidth_on_huge_pages_reads_the_whole_buffer_or_says_why_not() {
+    let out = Command::new(env!("CARGO_BIN_EXE_kosmos-bandwidth"))
+        .args(["--gib", "0.02", "--threads", "2", "--repeats", "2", "--huge-pages"])
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("huge pages") && err.lines().count() == 1, "{err}");
+        return;
+    }
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bytes = report["bytes"].as_u64().unwrap();
+    assert_eq!(report["checksum"].as_f64().unwrap(), (bytes / 4) as f64);
+    let huge = report["huge_page_bytes"].as_u64().unwrap();
+    assert!(huge > 0 && huge <= bytes, "{huge} of {bytes} bytes on huge pages");
+}
+
 #[test]
 fn bandwidth_rejects_bad_arguments_with_one_line() {
     for args in [["--gib", "0"], ["--threads", "0"]] {

@@ -15,6 +15,7 @@ pub mod fused;
 pub mod gemv;
 pub mod loader;
 pub mod lora;
+pub mod memory;
 pub mod packed;
 pub mod positions;
 pub mod presets;

@@ -147,8 +147,10 @@ impl<B: Backend> PackedWeight<B> {
                     TensorData::new(half.iter().map(|v| v.to_f32()).collect::<Vec<f32>>(), [d_out, d_input])
                 };
                 let dtype = data.dtype;
+                let bf16 = Tensor::from_data(data, (&device, dtype));
+                crate::memory::float_tensor(&bf16);
                 Some(Self {
-                    bf16: Some(Tensor::from_data(data, (&device, dtype))),
+                    bf16: Some(bf16),
                     q8: None,
                     scales: None,
                     d_input,
@@ -166,10 +168,17 @@ impl<B: Backend> PackedWeight<B> {
                 };
                 let dtype = q.dtype;
                 let scales = TensorData::new(scales, [d_out, blocks]);
+                let (q, scales) = (
+                    Tensor::from_data(q, (&device, dtype)),
+                    Tensor::from_data(scales, (&device, DType::F32)),
+                );
+                // The copies decode steps stream, on huge pages (see `crate::memory`).
+                crate::memory::int_tensor(&q);
+                crate::memory::float_tensor(&scales);
                 Some(Self {
                     bf16: None,
-                    q8: Some(Tensor::from_data(q, (&device, dtype))),
-                    scales: Some(Tensor::from_data(scales, (&device, DType::F32))),
+                    q8: Some(q),
+                    scales: Some(scales),
                     d_input,
                 })
             }

@@ -175,7 +175,10 @@ impl<B: Backend> Kosmos2Pipeline<B> {
                 let model = Kosmos2::from_pretrained(dir, device)?
                     .load_peft_adapter(adapter, device)?
                     .merge_lora();
-                kosmos_core::cast_floats(model, dtype)
+                let model = kosmos_core::cast_floats(model, dtype);
+                // The merged weights are new buffers (see `kosmos_core::memory`).
+                kosmos_core::memory::use_huge_pages(&model);
+                model
             }
         };
         Ok(Self {

@@ -304,7 +304,10 @@ impl<B: Backend> Kosmos2<B> {
             &HF_KOSMOS2_UNTIED
         };
         load_safetensors_files(&mut model, &files, map)?;
-        Ok(cast_floats(model, dtype))
+        let model = cast_floats(model, dtype);
+        // The weights a decode step streams, on 2 MiB pages where the CPU backend holds them.
+        kosmos_core::memory::use_huge_pages(&model);
+        Ok(model)
     }
 
     /// Files besides the weights that make a model directory, copied by

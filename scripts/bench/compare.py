@@ -37,7 +37,15 @@ What it does:
 4. Measures the machine's memory read rate with `kosmos-bandwidth` (2 GiB summed by `--threads` threads, best of 5)
    before loading the models and after the timings, and prints it with the floor it puts under a decode step
    (the decoder's projections and the head read once per token, in f32, bf16 and Q8): the VM's read rate drifts by
-   a factor of up to 2 over hours, so a table is only comparable with the rate it was measured at.
+   a factor of up to 2 over hours, so a table is only comparable with the rate it was measured at. It is measured
+   on 4 KiB pages and on 2 MiB pages (`--huge-pages`), and each implementation's floor uses the page size its
+   weights sit on: ours moves its weights to 2 MiB pages at load (`kosmos_core::memory`; `--no-huge-pages` keeps
+   4 KiB pages); transformers maps the safetensors file and reads its weights from the page cache, which the kernel
+   holds in folios of whatever size it chose when the file was read (`FilePmdMapped` counts the 2 MiB ones: 0.65 of
+   6.7 GB on 2026-11-29, 4.97 GB the night before; PyTorch's `THP_MEM_ALLOC_ENABLE=1` does not apply to a file
+   mapping). The report states how many bytes of each process are mapped by huge pages (the reference's after its
+   warm-up, when the mapping has been read), and an implementation counts as on 2 MiB pages when more than half of
+   the f32 weights' bytes are.
 5. Checks that every f32 implementation and repeat produced the same greedy tokens (f32 parity), prints a markdown
    table of medians with the ratio reference / ours (> 1: ours is faster), the date, CPU model, thread count and
    versions (also the minimum of each column: under load some repeats are much slower), and writes every timing,
@@ -113,6 +121,8 @@ def parse_args():
     p.add_argument("--breakdown", action="store_true", help="also time decoder and head apart")
     p.add_argument("--weights", default="f32", help="our weight modes, comma-separated: f32, bf16, q8 (bf16/q8: "
                    "packed copies of the decoder's projections and the head for decode steps)")
+    p.add_argument("--no-huge-pages", action="store_true", help="run ours with KOSMOS_HUGE_PAGES=0 (weights on "
+                   "4 KiB pages; by default they are moved to 2 MiB pages at load, `kosmos_core::memory`)")
     p.add_argument("--binary", default=None,
                    help="kosmos-compare binary (default: $CARGO_TARGET_DIR or target, release/kosmos-compare)")
     p.add_argument("--out", default=os.path.join(REPO_ROOT, "target", "bench-compare"))
@@ -185,6 +195,19 @@ def now_synced():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+HUGE_KEYS = ("AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:")
+
+
+def huge_page_bytes():
+    """Bytes of this process mapped by 2 MiB pages, or None off Linux: anonymous memory (`AnonHugePages`) and files
+    (`FilePmdMapped`: transformers maps the safetensors file, whose page cache the kernel may hold in 2 MiB folios)."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(HUGE_KEYS))
+    except OSError:
+        return None
 
 
 class Stamp(LogitsProcessor):
@@ -286,6 +309,8 @@ class Ours:
         if args.breakdown:
             cmd.append("--breakdown")
         env = {**os.environ, "RAYON_NUM_THREADS": str(args.threads)}
+        if args.no_huge_pages:
+            env["KOSMOS_HUGE_PAGES"] = "0"
         self.device = device
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
         self.header = self.read()
@@ -349,20 +374,27 @@ def table(results, names, rows, stat=statistics.median):
     return "\n".join(lines)
 
 
+PAGES = {"4k": [], "2m": ["--huge-pages"]}  # kosmos-bandwidth's arguments for each page size
+
+
 def read_rate(binary, threads):
-    """The machine's memory read rate in GB/s (best of 5 passes over 2 GiB), or None without the binary (or with
-    `binary` None)."""
+    """The machine's memory read rate in GB/s (best of 5 passes over 2 GiB) on 4 KiB and on 2 MiB pages, as
+    {"4k": rate, "2m": rate} (a page size that could not be measured is left out), or None without the binary (or
+    with `binary` None)."""
     if binary is None:
         return None
     if not os.access(binary, os.X_OK):
         print(f"note: `{binary}` not found, no read rate measured (cargo build --release -p kosmos-benches --bins)",
               file=sys.stderr)
         return None
-    out = subprocess.run([binary, "--threads", str(threads)], capture_output=True, text=True)
-    if out.returncode != 0:
-        print(f"note: kosmos-bandwidth failed: {out.stderr.strip()}", file=sys.stderr)
-        return None
-    return json.loads(out.stdout)["best_gb_s"]
+    rates = {}
+    for pages, extra in PAGES.items():
+        out = subprocess.run([binary, "--threads", str(threads)] + extra, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"note: kosmos-bandwidth {' '.join(extra)} failed: {out.stderr.strip()}", file=sys.stderr)
+            continue
+        rates[pages] = json.loads(out.stdout)["best_gb_s"]
+    return rates or None
 
 
 # Bytes per weight read by a decode step in each mode (Q8: one byte plus an f32 scale per 32 weights).
@@ -376,23 +408,35 @@ def decode_weights(config):
     return t.layers * (4 * t.embed_dim ** 2 + 2 * t.embed_dim * t.ffn_dim) + t.vocab_size * t.embed_dim
 
 
-def roofline(config, before, after, results, names):
-    """Lines stating the read rate and the decode floor it implies, against each implementation's median."""
+PAGE_NAMES = {"4k": "4 KiB", "2m": "2 MiB"}
+
+
+def roofline(config, before, after, results, names, pages):
+    """Lines stating the read rate on each page size and the decode floor it implies, against each implementation's
+    median; `pages[name]` is the page size that implementation's weights sit on ("4k" or "2m")."""
     if before is None and after is None:
         return "\n(memory read rate not measured: no kosmos-bandwidth binary, or a GPU run)"
-    rates = [r for r in (before, after) if r is not None]
-    rate = max(rates)
+    rates = {}
+    for side in (before, after):
+        for p, r in (side or {}).items():
+            rates[p] = max(rates.get(p, 0.0), r)
+    fmt_rate = lambda side, p: "n/a" if not side or p not in side else f"{side[p]:.1f}"  # noqa: E731
     weights = decode_weights(config)
-    lines = [f"\nMemory read rate (kosmos-bandwidth, best of 5 passes over 2 GiB): "
-             f"{'n/a' if before is None else f'{before:.1f}'} GB/s before, "
-             f"{'n/a' if after is None else f'{after:.1f}'} GB/s after. A decode step reads {weights / 1e6:.0f} M "
-             f"weights once; at {rate:.1f} GB/s no implementation decodes a token faster than:\n",
-             "| decode floor | per token | median measured | share of the floor |", "| --- | --- | --- | --- |"]
+    measured_pages = ", ".join(f"{PAGE_NAMES[p]} pages {fmt_rate(before, p)} GB/s before, {fmt_rate(after, p)} GB/s "
+                               f"after" for p in PAGES)
+    lines = [f"\nMemory read rate (kosmos-bandwidth, best of 5 passes over 2 GiB): {measured_pages}. A decode step "
+             f"reads {weights / 1e6:.0f} M weights once; at the best rate of the page size an implementation's weights "
+             f"sit on, no implementation decodes a token faster than:\n",
+             "| decode floor | pages | per token | median measured | share of the floor |",
+             "| --- | --- | --- | --- | --- |"]
     for n in names:
         mode = n.split()[-1] if n.split()[-1] in BYTES_PER_WEIGHT else "f32"
-        floor = weights * BYTES_PER_WEIGHT[mode] / (rate * 1e9)
+        p = pages.get(n, "4k")
+        if p not in rates:
+            p = next(iter(rates))
+        floor = weights * BYTES_PER_WEIGHT[mode] / (rates[p] * 1e9)
         measured = statistics.median(r["decode_per_token_s"] for r in results[n])
-        lines.append(f"| {n} | {fmt(floor)} | {fmt(measured)} | {100 * floor / measured:.0f} % |")
+        lines.append(f"| {n} | {PAGE_NAMES[p]} | {fmt(floor)} | {fmt(measured)} | {100 * floor / measured:.0f} % |")
     return "\n".join(lines)
 
 
@@ -441,6 +485,9 @@ def main():
         ours[d] = Ours(binary, d, model_dir, inputs_path, args)
     for (attn, dtype) in ref_names:
         refs[dtype].repeat(attn)  # warm-up
+    # The reference's weights are this process's memory; measured after the warm-up, as a file
+    # mapping's pages are mapped as they are first read.
+    ref_huge = huge_page_bytes()
 
     load_before = os.getloadavg()[0]
     modes = [m.strip() for m in args.weights.split(",") if m.strip()]
@@ -485,7 +532,15 @@ def main():
     print(f"- batch 1, 97-token prompt (64 image slots + 33 text tokens), {args.new_tokens} greedy tokens, f32; "
           f"medians of {args.repeats} alternating repeats; ratio > 1: ours is faster\n")
     print(table(results, names, ROWS))
-    print(roofline(args.config, rate_before, rate_after, results, names))
+    # Which page size each implementation's weights sit on: most of its bytes on huge pages, or not.
+    weight_bytes = decode_weights(args.config) * 4
+    huge = {n: ref_huge for n in ref_names.values()}
+    huge.update({n: ours[d].header.get("huge_page_bytes") for (d, m), n in ours_names.items()})
+    pages = {n: "2m" if (b or 0) > weight_bytes / 2 else "4k" for n, b in huge.items()}
+    print(roofline(args.config, rate_before, rate_after, results, names, pages))
+    print("\nMemory on 2 MiB pages after loading: " + "; ".join(
+        f"{n} {'n/a' if b is None else f'{b / 1e9:.2f} GB'}" for n, b in huge.items()) +
+        f" (the f32 weights a decode step reads: {weight_bytes / 1e9:.2f} GB)")
     print(f"\nBest of {args.repeats} (minimum; other processes on the machine slow some repeats, PyTorch's OpenMP "
           f"threads most):\n")
     print(table(results, names, ROWS, min))
@@ -524,7 +579,7 @@ def main():
     out_path = os.path.join(args.out, args.config, "results.json")
     with open(out_path, "w") as f:
         json.dump(dict(date=now, cpu=cpu_model(), load=[load_before, load_after],
-                       read_rate_gb_s=[rate_before, rate_after], threads=args.threads, versions=versions, commit=git_commit(),
+                       read_rate_gb_s=[rate_before, rate_after], huge_page_bytes=huge, threads=args.threads, versions=versions, commit=git_commit(),
                        args=vars(args), ours=[o.header for o in ours.values()], results=results), f, indent=1)
     print(f"\n(all timings: {os.path.relpath(out_path, REPO_ROOT)})")
     sys.exit(1 if mismatches else 0)

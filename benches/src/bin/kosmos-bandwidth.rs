@@ -1,7 +1,7 @@
 //! `kosmos-bandwidth`: this machine's memory read rate, the floor under a decode step.
 //!
 //! ```text
-//! kosmos-bandwidth [--gib 2] [--threads 2] [--repeats 5]
+//! kosmos-bandwidth [--gib 2] [--threads 2] [--repeats 5] [--huge-pages]
 //! ```
 //!
 //! A decode step of a large model reads every weight once and does about two flops per weight,
@@ -11,7 +11,9 @@
 //! contiguous part, with several independent accumulators (AVX-512 where the processor has it).
 //! It prints one JSON object: the best and median rate over `--repeats` passes, in GB/s
 //! (10^9 bytes per second). `scripts/bench/compare.py` runs it before and after its timings, so
-//! each comparison table states how fast the machine's memory was while it ran.
+//! each comparison table states how fast the machine's memory was while it ran, on 4 KiB pages
+//! and (`--huge-pages`) on the 2 MiB pages the model's weights are given
+//! ([`kosmos_core::memory`]).
 
 use std::process::ExitCode;
 use std::time::Instant;
@@ -32,6 +34,10 @@ struct Cli {
     /// Timed passes over the buffer (after one untimed pass).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
+    /// Put the buffer on 2 MiB pages (`kosmos_core::memory::advise`, as the model's weights are)
+    /// instead of the 4 KiB pages a plain allocation gets.
+    #[arg(long)]
+    huge_pages: bool,
 }
 
 /// Floats summed per step: four 16-float vectors, enough independent additions in flight to keep
@@ -105,6 +111,19 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
     // Written once, so the pages are resident before the timed reads (and the sum is exact:
     // every partial sum of ones below 2^24 per lane is representable).
     buffer.resize(len, 1.0f32);
+    let huge_bytes = if cli.huge_pages {
+        // SAFETY: the f32 buffer's memory viewed as its bytes (same span, u8 has no alignment).
+        let bytes: &[u8] = unsafe { std::slice::from_raw_parts(buffer.as_ptr().cast::<u8>(), buffer.len() * 4) };
+        let moved = kosmos_core::memory::advise(bytes);
+        if moved == 0 {
+            return Err("--huge-pages: the kernel moved none of the buffer to huge pages \
+                        (/sys/kernel/mm/transparent_hugepage/enabled is `never`, or Linux is older than 6.1)"
+                .into());
+        }
+        moved
+    } else {
+        0
+    };
     let bytes = (len * 4) as f64;
     let _ = pass(&buffer, cli.threads);
     let mut rates = Vec::with_capacity(cli.repeats);
@@ -119,6 +138,7 @@ fn run(cli: &Cli) -> Result<serde_json::Value, String> {
     Ok(json!({
         "bytes": len * 4,
         "threads": cli.threads,
+        "huge_page_bytes": huge_bytes,
         "best_gb_s": sorted[sorted.len() - 1],
         "median_gb_s": sorted[sorted.len() / 2],
         "rates_gb_s": rates,

@@ -485,6 +485,8 @@ impl BackendTask for Compare {
             "weights": models.iter().map(|(m, _)| m.to_string()).collect::<Vec<_>>(),
             "pack_s": pack_s,
             "accuracy": accuracies,
+            // Bytes of the process on 2 MiB pages (`kosmos_core::memory`); null off Linux.
+            "huge_page_bytes": kosmos_core::memory::process_huge_bytes(),
         });
         let find = |name: &str| -> Result<&Kosmos2<B>, String> {
             let mode: WeightMode = name.parse()?;

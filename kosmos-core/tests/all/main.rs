@@ -8,5 +8,6 @@ mod decoder_parity;
 mod fused;
 mod gemv;
 mod loader_errors;
+mod memory;
 mod packed;
 mod positions;
