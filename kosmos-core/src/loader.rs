@@ -503,14 +503,12 @@ fn float_dtype(name: &str) -> Option<(burn::tensor::DType, usize)> {
     }
 }
 
-/// Apply a file's tensors to the module a few at a time, each read from disk only when it is
-/// applied, so that loading holds one copy of the weights (plus the tensor in flight).
 /// burn-store's `PyTorchToBurnAdapter` with our own transposition of `nn.Linear` weights
 /// (`[out, in]` in PyTorch, `[in, out]` in Burn): tiled and on every core, into a buffer from
 /// [`crate::memory::host_bytes`] that the tensor keeps. burn-store's copies one element at a time
-/// down the columns and then once more into an aligned buffer: 18 of the full-size model's 37 s of
-/// loading, against well under a second here. Every other rule (LayerNorm `weight`/`bias` to
-/// `gamma`/`beta`) is burn-store's.
+/// down the columns and then once more into an aligned buffer: about half of the full-size
+/// model's 37 s of loading, against under a second here. Every other rule (LayerNorm
+/// `weight`/`bias` to `gamma`/`beta`) is burn-store's.
 #[derive(Clone, Copy, Debug, Default)]
 struct HfAdapter;
 
@@ -602,6 +600,8 @@ pub(crate) fn transpose(src: &[u8], dst: &mut [u8], rows: usize, cols: usize, si
     }
 }
 
+/// Apply a file's tensors to the module a few at a time, each read from disk only when it is
+/// applied, so that loading holds one copy of the weights (plus the tensor in flight).
 fn apply_streaming<B: Backend, M: ModuleSnapshot<B>>(
     module: &mut M,
     path: &Path,
